@@ -1,0 +1,5 @@
+import sys
+
+from l1ra_lite.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The settings of a fine-tuning run, and how recipes (TOML files) supply them.
+
+One dataclass holds every `finetune` option. Its field names are the recipe keys and,
+with `-` for `_`, the command-line flags. Resolution order: defaults < recipe < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from l1ra_lite.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class FinetuneConfig:
+    # what to train
+    model: Optional[str] = None  # alias, hub id or folder; None: the embedded default
+    data: Optional[str] = None  # file or hub dataset; None: the embedded default
+    method: str = "l1ra"  # l1ra | lora | adalora
+    quant: str = "nf4"  # nf4 | none
+    target_modules: Optional[list[str]] = None  # None: every linear layer of the decoder blocks
+    trust_remote_code: bool = False
+    # rank
+    budget: Optional[int] = None  # total rank; None: 8 x the number of adapters
+    alpha: Optional[float] = None  # None: the mean initial rank (so the scale is 1)
+    dropout: float = 0.0
+    # L1RA gates
+    l1_lambda: Union[str, float] = "auto"  # "auto": l1_kappa / (eta_c * total_steps)
+    l1_kappa: float = 2.0  # total L1 shrink a gate can receive over the run, when auto
+    eta_c: float = 2e-2  # learning rate of the gates (constant)
+    update_every: float = 0.05  # reallocation interval: fraction of the run (<1) or steps
+    # data
+    seq_len: int = 512
+    packing: bool = False
+    eval_fraction: float = 0.05  # held-out share of the rows ...
+    eval_max_rows: int = 200  # ... capped at this many
+    skip_bad_rows: bool = False
+    # optimisation
+    max_steps: Optional[int] = None  # optimiser steps; wins over epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup: float = 0.03  # fraction of the run (<1) or steps
+    seed: int = 42
+    # output
+    output: Optional[str] = None  # None: runs/<model>-<date-time>
+    eval_every: float = 0.25  # fraction of the run (<1) or steps; 0: only at the end
+    save_every: float = 0.25  # fraction of the run (<1) or steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    plain: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {"method": ("l1ra", "lora", "adalora"), "quant": ("nf4", "none")}
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
+
+
+def steps_from(value: float, total_steps: int) -> int:
+    """A fraction of the run when below 1, a count of optimiser steps otherwise."""
+    if value < 0:
+        raise UserError(f"a step interval cannot be negative (got {value})")
+    if value == 0:
+        return 0
+    if value < 1:
+        return max(1, round(value * total_steps))
+    return int(value)
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A path to a TOML file, or the name of one shipped in the package's recipes/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.toml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))) or "none"
+    raise UserError(f"recipe {name_or_path!r} not found (a .toml path, or one of: {known})")
+
+
+def read_recipe(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(finetune keys, [meta] table) of a recipe; parsed as data, never executed."""
+    path = find_recipe(name_or_path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"cannot read recipe {path}: {err}") from None
+    meta = table.pop("meta", {})
+    unknown = sorted(set(table) - set(FIELD_NAMES))
+    if unknown:
+        raise UserError(
+            f"recipe {path}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys are the finetune options: {', '.join(FIELD_NAMES)}"
+        )
+    if not isinstance(meta, dict):
+        raise UserError(f"recipe {path}: [meta] must be a table")
+    return table, meta
+
+
+def build_config(recipe: Optional[str], overrides: dict[str, Any]) -> FinetuneConfig:
+    """Defaults, then the recipe, then the flags the user gave (`overrides`)."""
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(read_recipe(recipe)[0])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = FinetuneConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: FinetuneConfig) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)} (got {getattr(config, key)!r})")
+    if isinstance(config.l1_lambda, str):
+        if config.l1_lambda != "auto":
+            try:
+                config.l1_lambda = float(config.l1_lambda)
+            except ValueError:
+                raise UserError(f"l1_lambda must be 'auto' or a number (got {config.l1_lambda!r})") from None
+    positive = ("seq_len", "batch_size", "grad_accum", "lr", "eta_c", "epochs", "log_every")
+    for key in positive:
+        if not getattr(config, key) > 0:
+            raise UserError(f"{key.replace('_', '-')} must be positive (got {getattr(config, key)})")
+    if config.max_steps is not None and config.max_steps <= 0:
+        raise UserError(f"max-steps must be positive (got {config.max_steps})")
+    if config.budget is not None and config.budget <= 0:
+        raise UserError(f"budget must be positive (got {config.budget})")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"dropout must be in [0, 1) (got {config.dropout})")
+    if config.keep_checkpoints < 1:
+        raise UserError(f"keep-checkpoints must be at least 1 (got {config.keep_checkpoints})")
+    if not 0 <= config.eval_fraction < 1:
+        raise UserError(f"eval-fraction must be in [0, 1) (got {config.eval_fraction})")
+    if isinstance(config.target_modules, str):
+        config.target_modules = [m.strip() for m in config.target_modules.split(",") if m.strip()]
