@@ -1,0 +1,181 @@
+"""Checkpoints: everything needed to resume a run exactly, in safetensors and JSON.
+
+A checkpoint is a folder `checkpoint-<step>/` in the run folder:
+
+    trainable.safetensors   trainable tensors by parameter name (A, B, gates for L1RA)
+    optimizer.safetensors   optimiser state tensors, keyed "<param index>.<name>"
+    extra.safetensors       other tensors: RNG states, AdaLoRA's importance scores ...
+    state.json              step, data position, rank state, optimiser param groups ...
+    manifest.json           size and sha256 of every file above (written last)
+
+It is written into a temporary folder, flushed, then renamed into place; the file
+`latest` (replaced atomically) names the newest complete one. A process killed at any
+moment leaves the previous checkpoint and pointer intact. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from l1ra_lite.errors import UserError
+
+LATEST = "latest"
+PREFIX = "checkpoint-"
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "extra.safetensors")
+
+
+@dataclass
+class Checkpoint:
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # a torch optimizer state_dict
+    extra: dict[str, torch.Tensor]
+    state: dict[str, Any]  # JSON data
+
+
+# ------------------------------------------------------------------ optimizer state
+
+
+def _optimizer_to_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a torch optimizer state_dict into tensors and JSON (no pickle needed)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON next to `path`, flush it, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int) -> Path:
+    """Write checkpoint-<step>/ atomically, point `latest` at it, prune old ones."""
+    final = run_dir / f"{PREFIX}{step}"
+    tmp = run_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        opt_tensors, opt_meta = _optimizer_to_files(checkpoint.optimizer)
+        contents = {
+            "trainable.safetensors": {k: v.detach().contiguous().cpu() for k, v in checkpoint.trainable.items()},
+            "optimizer.safetensors": opt_tensors,
+            "extra.safetensors": {k: v.contiguous().cpu() for k, v in checkpoint.extra.items()},
+        }
+        for name, tensors in contents.items():
+            save_file(tensors, str(tmp / name))
+        (tmp / "state.json").write_text(json.dumps({**checkpoint.state, "optimizer": opt_meta}, indent=1))
+        files = TENSOR_FILES + ("state.json",)
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        write_json_atomic(tmp / "manifest.json", {"step": step, "files": manifest})
+        if final.exists():  # a checkpoint of the same step from an interrupted earlier try
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(run_dir / LATEST, {"checkpoint": final.name, "step": step})
+    _remove_old(run_dir, keep)
+    return final
+
+
+def _remove_old(run_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (never the latest)."""
+    steps = sorted(step for step, _ in list_checkpoints(run_dir))
+    for step in steps[:-keep]:
+        shutil.rmtree(run_dir / f"{PREFIX}{step}", ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in run_dir.glob(f"{PREFIX}*"):
+        suffix = path.name[len(PREFIX):]
+        if path.is_dir() and suffix.isdigit() and (path / "manifest.json").exists():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint: the one `latest` names, else the highest step."""
+    pointer = run_dir / LATEST
+    if pointer.exists():
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+            if (run_dir / name / "manifest.json").exists():
+                return run_dir / name
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # a damaged pointer: fall back to scanning
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"no complete checkpoint in {run_dir}: nothing to resume")
+    return found[-1][1]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Verify sizes and checksums against the manifest, then read (safetensors + JSON)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"checkpoint {path} has no readable manifest.json ({err}); it is not a checkpoint") from None
+    for name in TENSOR_FILES + ("state.json",):
+        entry = files.get(name) if isinstance(files, dict) else None
+        file = path / name
+        if entry is None or not file.is_file():
+            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise UserError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+    try:
+        tensors = {name: load_file(str(path / name)) for name in TENSOR_FILES}
+        state = json.loads((path / "state.json").read_text())
+    except (SafetensorError, ValueError, OSError) as err:
+        raise UserError(f"checkpoint {path} cannot be read: {err}") from None
+    optimizer = _optimizer_from_files(tensors["optimizer.safetensors"], state.pop("optimizer"))
+    return Checkpoint(tensors["trainable.safetensors"], optimizer, tensors["extra.safetensors"], state)

@@ -1,0 +1,203 @@
+"""`l1ra-lite finetune`: train L1RA (or stock LoRA / AdaLoRA) adapters on a 4-bit base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from l1ra_lite.errors import UserError
+
+HELP = "fine-tune a base model with L1RA adapters (defaults: the embedded SmolLM2 and chat corpus)"
+
+# Settings that may change when a run is resumed; all others must match the run's.
+CHANGEABLE_ON_RESUME = ("plain", "eval_every", "save_every", "keep_checkpoints", "log_every")
+RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Every option defaults to None so that a recipe's value is kept unless a flag is given.
+    def opt(flag: str, help: str, **kw: Any) -> None:
+        p.add_argument(flag, default=None, help=help, **kw)
+
+    def flag(name: str, help: str) -> None:
+        p.add_argument(name, action="store_true", default=None, help=help)
+
+    what = p.add_argument_group("what to train")
+    opt("--model", "alias (mistral-7b, llama-3.1-8b, qwen2.5-7b, their -instruct variants, smollm2-135m), "
+        "hub id or local folder; default: the embedded SmolLM2-135M-Instruct")
+    opt("--data", "a .jsonl/.json/.csv/.parquet file (fields: messages | instruction/input/output | "
+        "prompt/completion | text) or a hub dataset; default: the embedded chatterbot English corpus")
+    opt("--recipe", "a recipe TOML file, or the name of one shipped with l1ra-lite (see `l1ra-lite recipes`); "
+        "flags override it")
+    opt("--method", "l1ra (default), or stock peft lora / adalora at the same total rank",
+        choices=("l1ra", "lora", "adalora"))
+    opt("--quant", "nf4 (default: 4-bit base) or none (16-bit base)", choices=("nf4", "none"))
+    opt("--target-modules", "comma-separated module names to adapt (default: every linear layer of the "
+        "decoder blocks)")
+    flag("--trust-remote-code", "allow the model's own Python code from the hub (off by default)")
+
+    rank = p.add_argument_group("rank and L1RA")
+    opt("--budget", "total rank over all adapters, conserved by reallocation (default 8 x adapters)", type=int)
+    opt("--alpha", "LoRA alpha; the scale is alpha / mean rank (default: the mean rank, scale 1)", type=float)
+    opt("--dropout", "dropout on the adapter input (default 0)", type=float)
+    opt("--l1-lambda", "L1 penalty on the gates: a number, or auto (default) = l1-kappa / (eta-c x steps)")
+    opt("--l1-kappa", "with --l1-lambda auto: the total shrink a gate can get over the run (default 2)",
+        type=float)
+    opt("--eta-c", "learning rate of the gates, constant (default 0.02)", type=float)
+    opt("--update-every", "reallocate every N optimiser steps, or this fraction of the run when < 1 "
+        "(default 0.05)", type=float)
+
+    data = p.add_argument_group("data")
+    opt("--seq-len", "truncate examples to this many tokens (default 512)", type=int)
+    flag("--packing", "pack examples into full --seq-len sequences")
+    opt("--eval-fraction", "held-out share of the rows for evaluation (default 0.05)", type=float)
+    opt("--eval-max-rows", "cap on held-out rows (default 200)", type=int)
+    flag("--skip-bad-rows", "count and skip malformed rows instead of stopping")
+
+    train = p.add_argument_group("optimisation (all step counts are optimiser steps)")
+    opt("--max-steps", "stop after this many steps (wins over --epochs)", type=int)
+    opt("--epochs", "passes over the training data (default 1)", type=float)
+    opt("--batch-size", "examples per micro-batch (default 4)", type=int)
+    opt("--grad-accum", "micro-batches per optimiser step (default 4)", type=int)
+    opt("--lr", "peak learning rate of A and B (default 2e-4), cosine decay", type=float)
+    opt("--weight-decay", "AdamW weight decay of A and B (default 0)", type=float)
+    opt("--max-grad-norm", "gradient clipping (default 1.0; 0 turns it off)", type=float)
+    opt("--warmup", "linear warmup: steps, or a fraction of the run when < 1 (default 0.03)", type=float)
+    opt("--seed", "random seed: same seed, same run (default 42)", type=int)
+
+    out = p.add_argument_group("output")
+    opt("--output", "run folder (default runs/<model>-<date-time>)")
+    opt("--eval-every", "evaluate every N steps, or this fraction of the run when < 1; 0: only at the end "
+        "(default 0.25)", type=float)
+    opt("--save-every", "checkpoint every N steps, or this fraction of the run when < 1; 0: only at the end "
+        "(default 0.25)", type=float)
+    opt("--keep-checkpoints", "keep the newest N checkpoints (default 2)", type=int)
+    opt("--log-every", "write a metrics line every N steps (default 1)", type=int)
+    flag("--plain", "plain log lines instead of the live dashboard")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    from l1ra_lite.config import FIELD_NAMES
+
+    return {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+
+
+def resumed_config(run_dir: Path, overrides: dict[str, Any]):
+    """The run's saved settings; flags may only change what does not alter the training."""
+    from l1ra_lite.config import FIELD_NAMES, FinetuneConfig, validate
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no config.json): nothing to resume") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {run_dir / 'config.json'}: {err}") from None
+    config = FinetuneConfig(**{k: v for k, v in saved.items() if k in FIELD_NAMES})
+    for key, value in overrides.items():
+        if key in CHANGEABLE_ON_RESUME:
+            setattr(config, key, value)
+        elif value != getattr(config, key) and not (key == "target_modules" and
+                                                    value.split(",") == getattr(config, key)):
+            raise UserError(f"--{key.replace('_', '-')} differs from the run being resumed "
+                            f"({getattr(config, key)!r}); a resumed run keeps its settings")
+    validate(config)
+    return config
+
+
+def prepare_output(config, overwrite: bool) -> Path:
+    if config.output:
+        run_dir = Path(config.output)
+    else:
+        name = Path((config.model or "smollm2-135m").rstrip("/")).name
+        run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output {run_dir} exists and is a file")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder {run_dir} already exists; use --resume {run_dir} to continue it, "
+                            "--overwrite to start afresh, or another --output")
+        for entry in run_dir.iterdir():  # remove only what a run writes; leave the user's own files
+            if entry.name in RUN_ARTEFACTS or entry.name.startswith("checkpoint-"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {run_dir}: {err.strerror}") from None
+    return run_dir
+
+
+class StopOnSignal:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: stop at once
+    (checkpoints are written aside and renamed, so the last good one survives)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nl1ra-lite: stopping after this step and writing a checkpoint "
+              "(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run(args: argparse.Namespace) -> int:
+    from l1ra_lite.config import build_config
+
+    overrides = overrides_from(args)
+    if args.resume:
+        if args.overwrite:
+            raise UserError("--resume and --overwrite cannot be used together")
+        run_dir = Path(args.resume)
+        config = resumed_config(run_dir, overrides)
+    else:
+        config = build_config(args.recipe, overrides)
+        run_dir = prepare_output(config, args.overwrite)
+
+    import torch
+
+    from l1ra_lite.dashboard import open_display
+    from l1ra_lite.train import Interrupted, train
+
+    print(f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
+          file=sys.stderr, flush=True)
+    stop = StopOnSignal()
+    try:
+        with stop, open_display(plain=config.plain) as report:
+            adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
+    except Interrupted as err:
+        print(f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
+              f"l1ra-lite finetune --resume {run_dir}", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(config)) from None
+    print(f"l1ra-lite: adapter written to {adapter_dir} (a standard peft LoRA folder)", file=sys.stderr)
+    return 0
+
+
+def out_of_memory_advice(config) -> str:
+    return (f"CUDA out of memory (batch size {config.batch_size}, seq len {config.seq_len}, "
+            f"budget {config.budget}); lower --batch-size, --seq-len or --budget, or pick a smaller recipe")

@@ -1,0 +1,498 @@
+"""The training loop: one readable function from settings to a finished run folder.
+
+    settings -> base model (4-bit) -> adapters -> data -> loop -> events / checkpoints -> adapter/
+
+Each optimiser step runs `grad_accum` micro-batches (the loss of each is weighted by
+its share of the step's answer tokens, so accumulation equals one big batch), clips the
+gradients, sets the scheduled LR, steps, and for L1RA reallocates rank every
+`update_every` steps after warmup. Everything is reported as events (l1ra_lite.events);
+the loop never draws anything itself.
+
+We place the model with from_pretrained's device_map and use torch.autocast directly:
+on one device that is all accelerate's wrappers would do here, and they would hide the
+optimiser whose state the reallocation resizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from l1ra_lite import __version__
+from l1ra_lite import checkpoint as ckpt
+from l1ra_lite.adapter_io import save_peft_adapter, target_names
+from l1ra_lite.baselines import (
+    adalora_allocator_state,
+    load_adalora_allocator_state,
+    peft_adalora,
+    peft_lora,
+    peft_ranks,
+)
+from l1ra_lite.config import FinetuneConfig, steps_from
+from l1ra_lite.data import collate, epoch_order, prepare_data
+from l1ra_lite.errors import UserError
+from l1ra_lite.events import (
+    CheckpointSaved,
+    Evaluated,
+    MemoryStats,
+    Reallocated,
+    Reporter,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+)
+from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters, initial_ranks, reallocate
+from l1ra_lite.l1ra.inject import find_targets
+from l1ra_lite.models import ModelSource, compute_dtype, default_device, load_model, load_tokenizer
+
+MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite loss or gradients: skip, but stop after this many
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (a signal); a checkpoint was written first."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.run_dir = step, run_dir
+
+
+class Diverged(UserError):
+    """The loss or the gradients stayed non-finite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------ schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    steps_per_epoch: int
+    micro_per_epoch: int  # micro-batches in one pass over the training examples
+    warmup_steps: int
+    update_every: int  # 0: no reallocation
+    eval_every: int  # 0: only at the end
+    save_every: int  # 0: only at the end
+
+    @property
+    def first_update(self) -> int:
+        """The first step at which a reallocation may happen (after warmup, never step 0)."""
+        if not self.update_every:
+            return 0
+        return (self.warmup_steps // self.update_every + 1) * self.update_every
+
+    def reallocates_at(self, step: int) -> bool:
+        return bool(self.update_every) and step >= self.first_update and step % self.update_every == 0 \
+            and step < self.total_steps
+
+    def next_update(self, step: int) -> Optional[int]:
+        if not self.update_every:
+            return None
+        nxt = max(self.first_update, (step // self.update_every + 1) * self.update_every)
+        return nxt if nxt < self.total_steps else None
+
+
+def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
+    micro_per_epoch = math.ceil(n_train_examples / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.grad_accum))
+    total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+    return Schedule(
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        micro_per_epoch=micro_per_epoch,
+        warmup_steps=steps_from(config.warmup, total),
+        update_every=steps_from(config.update_every, total) if config.method == "l1ra" else 0,
+        eval_every=steps_from(config.eval_every, total),
+        save_every=steps_from(config.save_every, total),
+    )
+
+
+def lr_at(step: int, schedule: Schedule, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 0; `step` counts steps already taken."""
+    if step < schedule.warmup_steps:
+        return peak * (step + 1) / schedule.warmup_steps
+    progress = (step - schedule.warmup_steps) / max(1, schedule.total_steps - schedule.warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------ adapters
+
+
+@dataclass
+class Trainable:
+    """What the loop trains: the model with adapters, its optimiser, the rank record."""
+
+    method: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    rank_state: RankState
+    adapters: Optional[dict]  # L1RA: path -> L1RALinear; None for peft methods
+    alpha: float
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def current_ranks(self) -> dict[str, int]:
+        if self.adapters is not None:
+            return {p: a.rank for p, a in self.adapters.items()}
+        return peft_ranks(self.model, self.method)
+
+
+def resolve_l1_lambda(config: FinetuneConfig, total_steps: int) -> float:
+    """'auto': the penalty follows the run length, lambda = kappa / (eta_c * steps)."""
+    if config.l1_lambda == "auto":
+        return config.l1_kappa / (config.eta_c * total_steps)
+    return float(config.l1_lambda)
+
+
+def attach_adapters(model, config: FinetuneConfig, schedule: Schedule,
+                    saved_ranks: Optional[dict[str, int]] = None) -> Trainable:
+    paths = find_targets(model, config.target_modules)
+    budget = config.budget if config.budget is not None else 8 * len(paths)
+    ranks = initial_ranks(budget, len(paths))
+    alpha = config.alpha if config.alpha is not None else budget / len(paths)
+    if config.method == "l1ra":
+        adapters = inject_adapters(model, budget, config.target_modules, alpha, config.dropout,
+                                   seed=config.seed, ranks=saved_ranks)
+        optimizer = L1RAOptimizer(adapters.values(), lr=config.lr, weight_decay=config.weight_decay,
+                                  eta_c=config.eta_c, l1_lambda=resolve_l1_lambda(config, schedule.total_steps))
+        state = RankState(budget, {p: a.rank for p, a in adapters.items()})
+        return Trainable("l1ra", model, optimizer, state, adapters, alpha)
+    torch.manual_seed(config.seed)  # peft draws its init from the global generator
+    if config.method == "lora":
+        model = peft_lora(model, paths, ranks, alpha, config.dropout)
+    else:
+        model = peft_adalora(model, paths, budget, alpha, config.dropout, schedule.total_steps,
+                             schedule.warmup_steps, schedule.update_every or max(1, schedule.total_steps // 20))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    trainable = Trainable(config.method, model, optimizer, RankState(budget, {}), None, alpha)
+    trainable.rank_state.ranks = trainable.current_ranks()
+    return trainable
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled LR for every group except L1RA's gates (constant eta_c)."""
+    for group in optimizer.param_groups:
+        if group.get("kind") != "gate":
+            group["lr"] = lr
+
+
+def trainable_state_bytes(trainable: Trainable) -> int:
+    """Adapter parameters + their gradients (held during each step) + optimiser state."""
+    params = trainable.parameters()
+    total = 2 * sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        for value in trainable.optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def memory_stats(device: str) -> MemoryStats:
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return MemoryStats(
+            device="cuda",
+            allocated=torch.cuda.memory_allocated(index),
+            reserved=torch.cuda.memory_reserved(index),
+            peak=torch.cuda.max_memory_allocated(index),
+            total=torch.cuda.get_device_properties(index).total_memory,
+        )
+    import psutil
+
+    return MemoryStats(device="cpu", rss=psutil.Process().memory_info().rss)
+
+
+def _label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())  # the first label is never predicted
+
+
+def _forward_backward(model, batch, weight: float, autocast: dict) -> float:
+    """Loss of one micro-batch, backward with its weight; the graph dies with this frame
+    (a live graph would pin the old shapes of resized parameters)."""
+    with torch.autocast(**autocast):
+        loss = model(**batch).loss
+    (loss * weight).backward()
+    return loss.item() * weight
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: str, autocast: dict) -> float:
+    """Token-weighted mean loss over the held-out examples."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        tokens = _label_tokens(batch["labels"])
+        if tokens:
+            with torch.autocast(**autocast):
+                total_loss += model(**batch).loss.item() * tokens
+            total_tokens += tokens
+    model.train(was_training)
+    return total_loss / max(1, total_tokens)
+
+
+# ------------------------------------------------------------------ run folder
+
+
+def write_run_config(run_dir: Path, config: FinetuneConfig, extra: dict) -> None:
+    ckpt.write_json_atomic(run_dir / "config.json", {**config.to_dict(), **extra})
+
+
+def _fingerprint(config: FinetuneConfig, source: ModelSource, trainable: Trainable) -> dict:
+    """What a checkpoint must match to be resumed into this run."""
+    return {
+        "model": source.path,
+        "method": config.method,
+        "budget": trainable.rank_state.budget,
+        "target_modules": sorted(trainable.rank_state.ranks),
+        "quant": config.quant,
+    }
+
+
+def _check_fingerprint(saved: dict, current: dict, path: Path) -> None:
+    for key, label in (("model", "model"), ("method", "method"), ("budget", "budget"),
+                       ("target_modules", "target modules"), ("quant", "quantisation")):
+        if saved.get(key) != current[key]:
+            shown = (lambda v: f"{len(v)} modules" if isinstance(v, list) else repr(v))
+            raise UserError(f"checkpoint {path} was made with a different {label} "
+                            f"({shown(saved.get(key))}, this run: {shown(current[key])}); it cannot be resumed")
+
+
+def _all_decoder_linears(model) -> list[str]:
+    try:
+        return find_targets(model, None)
+    except UserError:  # no numbered blocks: the adapter config will list full paths
+        return []
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint we continue from."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _save_adapter(trainable: Trainable, run_dir: Path, source: ModelSource, config: FinetuneConfig,
+                  tokenizer, all_linear: list[str]) -> Path:
+    """Write adapter/ atomically: into a temporary folder, then renamed into place."""
+    final, tmp = run_dir / "adapter", run_dir / f".adapter.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if trainable.adapters is not None:
+        paths = list(trainable.adapters)
+        save_peft_adapter(trainable.adapters, tmp, source.path, lora_alpha=max(1, round(trainable.alpha)),
+                          dropout=config.dropout, target_modules=target_names(paths, all_linear),
+                          tokenizer=tokenizer)
+    else:
+        trainable.model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def train(
+    config: FinetuneConfig,
+    run_dir: Path,
+    report: Reporter,
+    resume: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    device: Optional[str] = None,
+    source: Optional[ModelSource] = None,
+) -> Path:
+    """Train and write the run folder; returns the adapter folder.
+
+    With resume=True the run continues from the latest checkpoint in run_dir and ends
+    exactly as an uninterrupted run would have.
+    """
+    from l1ra_lite.models import resolve_model
+
+    source = source or resolve_model(config.model)
+    device = device or default_device()
+    dtype = compute_dtype(device) if config.quant == "nf4" or device != "cpu" else torch.float32
+    autocast = {"device_type": device.split(":")[0], "dtype": torch.bfloat16, "enabled": dtype == torch.bfloat16}
+
+    # Data first: a bad file should fail before minutes of model loading.
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, config.seq_len, config.packing, config.eval_fraction,
+                        config.eval_max_rows, config.seed, config.skip_bad_rows)
+    if not data.train:
+        raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
+    schedule = plan_schedule(config, len(data.train))
+
+    checkpoint = None
+    if resume:
+        checkpoint_path = ckpt.latest_checkpoint(run_dir)
+        checkpoint = ckpt.load_checkpoint(checkpoint_path)
+
+    torch.manual_seed(config.seed)
+    model = load_model(source, config.quant, device, dtype, config.trust_remote_code)
+    all_linear = _all_decoder_linears(model)
+    saved_ranks = checkpoint.state["rank_state"]["ranks"] if checkpoint and config.method == "l1ra" else None
+    trainable = attach_adapters(model, config, schedule, saved_ranks)
+    model = trainable.model
+    model.train()
+    fingerprint = _fingerprint(config, source, trainable)
+
+    step, skipped, bad_in_a_row = 0, 0, 0
+    if checkpoint is not None:
+        _check_fingerprint(checkpoint.state["fingerprint"], fingerprint, checkpoint_path)
+        named = trainable.named_trainable()
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(checkpoint.trainable[name])
+        trainable.optimizer.load_state_dict(checkpoint.optimizer)
+        trainable.rank_state = RankState.from_json(checkpoint.state["rank_state"])
+        if config.method == "adalora":
+            load_adalora_allocator_state(model, checkpoint.extra)
+        torch.set_rng_state(checkpoint.extra["rng.torch_cpu"])
+        if device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
+            torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
+        step, skipped = checkpoint.state["step"], checkpoint.state["skipped_steps"]
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    else:
+        write_run_config(run_dir, config, {
+            "budget": trainable.rank_state.budget,
+            "alpha": trainable.alpha,
+            "l1_lambda": resolve_l1_lambda(config, schedule.total_steps),
+            "base_model_path": source.path,
+            "model_type": model.config.model_type,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "total_steps": schedule.total_steps,
+            "n_adapters": len(trainable.rank_state.ranks),
+            "data_stats": data.stats.to_dict(),
+            "version": __version__,
+        })
+
+    def save(at_step: int) -> None:
+        extra = {"rng.torch_cpu": torch.get_rng_state()}
+        if device.startswith("cuda"):
+            extra["rng.cuda"] = torch.cuda.get_rng_state()
+        if config.method == "adalora":
+            extra.update(adalora_allocator_state(model))
+        state = {"step": at_step, "micro_batches": at_step * config.grad_accum, "skipped_steps": skipped,
+                 "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
+        path = ckpt.save_checkpoint(run_dir, at_step, ckpt.Checkpoint(
+            trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state), config.keep_checkpoints)
+        report(CheckpointSaved(at_step, str(path)))
+
+    def write_ranks() -> None:
+        ckpt.write_json_atomic(run_dir / "ranks.json", trainable.rank_state.to_json())
+
+    write_ranks()
+    report(RunStarted(
+        model=source.name, method=config.method, output_dir=str(run_dir), total_steps=schedule.total_steps,
+        steps_per_epoch=schedule.steps_per_epoch, budget=trainable.rank_state.budget,
+        ranks=dict(trainable.rank_state.ranks), update_every=schedule.update_every,
+        first_update=schedule.first_update, device=device, start_step=step,
+    ))
+
+    pad_id = tokenizer.pad_token_id
+    order_of_epoch = functools.lru_cache(maxsize=2)(lambda epoch: epoch_order(len(data.train), config.seed, epoch))
+    params = trainable.parameters()
+    started = time.perf_counter()
+    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    try:
+        while step < schedule.total_steps:
+            step_start = time.perf_counter()
+            batches = []
+            for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+                epoch, index = divmod(micro, schedule.micro_per_epoch)
+                order = order_of_epoch(epoch)
+                chosen = order[index * config.batch_size:(index + 1) * config.batch_size]
+                batches.append(collate([data.train[i] for i in chosen], pad_id))
+            step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
+            loss = 0.0
+            for batch in batches:
+                weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
+                loss += _forward_backward(model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+            lr = lr_at(step, schedule, config.lr)
+            step += 1
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                set_lr(trainable.optimizer, lr)
+                trainable.optimizer.step()
+                if config.method == "adalora":
+                    model.base_model.update_and_allocate(step)
+                bad_in_a_row = 0
+            else:  # never let a NaN reach the weights, gates or ranks
+                skipped += 1
+                bad_in_a_row += 1
+            trainable.optimizer.zero_grad(set_to_none=True)
+            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                raise Diverged(
+                    f"loss or gradients were not finite for {bad_in_a_row} steps in a row (step {step}); "
+                    f"stopped. Lower --lr (now {config.lr:g}) or check the data; the last good checkpoint is kept"
+                )
+
+            if config.method == "l1ra" and schedule.reallocates_at(step):
+                t0 = time.perf_counter()
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                event = reallocate(trainable.adapters, trainable.rank_state, step,
+                                   trainable.optimizer.prune_threshold, trainable.optimizer, gen)
+                write_ranks()
+                report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
+                                   schedule.next_update(step), time.perf_counter() - t0))
+            elif config.method == "adalora":
+                trainable.rank_state.ranks = trainable.current_ranks()
+
+            now = time.perf_counter()
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            memory = memory_stats(device)
+            line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tokens / (now - step_start), "mem_bytes": memory.allocated or memory.rss,
+                    "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
+            is_last = step == schedule.total_steps
+            if is_last or (schedule.eval_every and step % schedule.eval_every == 0):
+                if data.eval:
+                    eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
+                    line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                    report(Evaluated(step, eval_loss, line["eval_ppl"]))
+            if step % config.log_every == 0 or is_last or "eval_loss" in line:
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+                report(StepLogged(
+                    step=step, total_steps=schedule.total_steps, epoch=step / schedule.steps_per_epoch,
+                    loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=line["tokens_per_s"],
+                    elapsed_s=now - started, memory=memory, adapter_bytes=trainable_state_bytes(trainable),
+                    rank_total=trainable.rank_state.total, skipped_steps=skipped,
+                ))
+            stop = should_stop() and not is_last
+            if stop or is_last or (schedule.save_every and step % schedule.save_every == 0):
+                save(step)
+            if stop:
+                raise Interrupted(step, run_dir)
+    finally:
+        metrics.close()
+
+    write_ranks()
+    adapter_dir = _save_adapter(trainable, run_dir, source, config, tokenizer, all_linear)
+    report(RunFinished(step, str(run_dir), str(adapter_dir)))
+    return adapter_dir

@@ -1,0 +1,212 @@
+"""`finetune` end to end on a tiny model: run folder, peft-loadable adapter, exact resume,
+stock LoRA / AdaLoRA through the same loop, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from l1ra_lite.cli import main
+from l1ra_lite.config import FinetuneConfig
+from l1ra_lite.l1ra import inject_adapters
+from l1ra_lite.train import Interrupted, train
+from tests.tiny import save_tiny_base
+
+ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}."} for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    save_tiny_base(root / "base")
+    with open(root / "data.jsonl", "w") as f:
+        for row in ROWS:
+            f.write(json.dumps(row) + "\n")
+    return root
+
+
+def tiny_config(workdir, **overrides) -> FinetuneConfig:
+    values = dict(model=str(workdir / "base"), data=str(workdir / "data.jsonl"), quant="none", budget=28,
+                  max_steps=10, batch_size=4, grad_accum=2, seq_len=64, lr=5e-3, warmup=2, update_every=3,
+                  l1_lambda=6.0, eta_c=0.05, eval_every=5, save_every=5, seed=7, plain=True)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def run(workdir, name, events=None, **overrides):
+    run_dir = workdir / name
+    run_dir.mkdir()
+    report = events.append if events is not None else (lambda event: None)
+    adapter = train(tiny_config(workdir, **overrides), run_dir, report, device="cpu")
+    return run_dir, adapter
+
+
+def in_training_model(workdir, run_dir):
+    """The model as training left it: base + L1RA adapters from the last checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    ranks = json.loads((run_dir / "ranks.json").read_text())["ranks"]
+    config = json.loads((run_dir / "config.json").read_text())
+    inject_adapters(model, config["budget"], alpha=config["alpha"], ranks=ranks)
+    latest = json.loads((run_dir / "latest").read_text())["checkpoint"]
+    model.load_state_dict(load_file(str(run_dir / latest / "trainable.safetensors")), strict=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def finished(workdir):
+    events = []
+    run_dir, adapter = run(workdir, "straight", events)
+    return run_dir, adapter, events
+
+
+def test_run_folder_has_config_ranks_metrics_checkpoints_and_adapter(finished):
+    run_dir, adapter, events = finished
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["budget"] == 28 and config["total_steps"] == 10 and config["base_model_path"].endswith("base")
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    assert ranks["budget"] == 28 and sum(ranks["ranks"].values()) == 28
+    assert [h["step"] for h in ranks["history"]] == [3, 6, 9]  # after warmup (2), never the last step
+    for h in ranks["history"]:
+        assert sum(h["ranks"].values()) == 28 and sum(h["pruned"].values()) == sum(h["added"].values())
+    assert sum(sum(h["pruned"].values()) for h in ranks["history"]) > 0  # strong L1: rank did move
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 11))
+    for key in ("loss", "lr", "tokens_per_s", "mem_bytes", "rank_total"):
+        assert all(key in m for m in lines)
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [5, 10]
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert json.loads((run_dir / "latest").read_text())["checkpoint"] == "checkpoint-10"
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished" and kinds.count("Reallocated") == 3
+
+
+def test_adapter_is_a_standard_lora_that_stock_peft_loads_with_equal_logits(workdir, finished):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, adapter, _ = finished
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and not config["alpha_pattern"] and not config["use_rslora"]
+    ranks = json.loads((run_dir / "ranks.json").read_text())["ranks"]
+    assert config["rank_pattern"] == ranks  # full module paths
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert set(tensors) == {f"base_model.model.{p}.lora_{x}.weight" for p in ranks for x in "AB"}
+    assert (adapter / "chat_template.jinja").exists() or "chat_template" in (adapter / "tokenizer_config.json").read_text()
+
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = in_training_model(workdir, run_dir)(input_ids=x).logits
+        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+        plain = base(input_ids=x).logits
+        loaded = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=x).logits
+    assert (loaded - expected).abs().max().item() <= 1e-4
+    assert (loaded - plain).abs().max().item() > 1e-3  # the adapter did learn something
+
+
+def test_resume_continues_exactly(workdir, finished):
+    straight, _, _ = finished
+    stop_at = {"step": 0}
+
+    def stop_after_four():
+        stop_at["step"] += 1
+        return stop_at["step"] >= 4
+
+    resumed = workdir / "resumed"
+    resumed.mkdir()
+    config = tiny_config(workdir)
+    with pytest.raises(Interrupted) as stopped:
+        train(config, resumed, lambda e: None, should_stop=stop_after_four, device="cpu")
+    assert stopped.value.step == 4
+    assert json.loads((resumed / "latest").read_text())["step"] == 4
+    train(config, resumed, lambda e: None, resume=True, device="cpu")
+
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ranks_a, ranks_b = (json.loads((d / "ranks.json").read_text()) for d in (straight, resumed))
+    assert ranks_a == ranks_b
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_stock_peft_methods_run_through_the_same_loop(workdir, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, adapter = run(workdir, f"run-{method}", method=method, max_steps=6, save_every=0, eval_every=0)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and "eval_loss" in lines[-1]
+    if method == "lora":
+        assert sum(config["rank_pattern"].values()) == 28  # same initial ranks as L1RA
+        base = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+        PeftModel.from_pretrained(base, str(adapter))
+    else:
+        assert config["target_r"] == 2 and config["init_r"] == 3
+
+
+def test_nf4_base_with_the_default_budget(workdir):
+    pytest.importorskip("bitsandbytes")
+    run_dir, adapter = run(workdir, "nf4", quant="nf4", budget=None, max_steps=3, update_every=0,
+                           save_every=0, eval_every=0)
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    assert ranks["budget"] == 8 * 14 and set(ranks["ranks"].values()) == {8}
+    assert json.loads((run_dir / "config.json").read_text())["quant"] == "nf4"
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def cli(capsys, *args):
+    code = main(["finetune", *map(str, args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_cli_runs_and_refuses_to_reuse_a_folder(workdir, capsys):
+    out = workdir / "cli-run"
+    common = ["--model", workdir / "base", "--data", workdir / "data.jsonl", "--quant", "none",
+              "--max-steps", 2, "--budget", 14, "--seq-len", 64, "--plain", "--output", out]
+    code, err = cli(capsys, *common)
+    assert code == 0 and (out / "adapter" / "adapter_model.safetensors").exists()
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, err = cli(capsys, *common)
+    assert code == 2 and "already exists" in err[-1] and "--resume" in err[-1]
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    code, err = cli(capsys, "--resume", out, "--budget", 20)
+    assert code == 2 and "differs from the run" in err[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt-17"], "unknown model alias 'gpt-17'; known aliases: "),
+    (["--data", "missing.jsonl"], "missing.jsonl"),
+    (["--budget", "5"], "smaller than the number of adapters (14)"),
+    (["--budget", "0"], "budget must be positive"),
+    (["--recipe", "nope"], "recipe 'nope' not found"),
+    (["--resume", "nowhere"], "not a run folder"),
+])
+def test_bad_input_gets_one_clear_line(workdir, capsys, tmp_path, args, message):
+    defaults = {"--model": workdir / "base", "--data": workdir / "data.jsonl"}
+    for i in range(0, len(args), 2):
+        defaults.pop(args[i], None)
+    extra = [x for kv in defaults.items() for x in kv] if "--resume" not in args else []
+    code, err = cli(capsys, *args, *extra, "--quant", "none", "--max-steps", 1, "--plain",
+                    "--output", tmp_path / "out")
+    assert code == 2
+    assert len(err) >= 1 and message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_recipe_with_an_unknown_key_is_refused(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "smollm2-135m"\nbudgett = 3\n[meta]\ncard = "x"\n')
+    code, err = cli(capsys, "--recipe", recipe)
+    assert code == 2 and "unknown key(s) budgett" in err[-1]
