@@ -69,6 +69,15 @@ class Diverged(UserError):
     """The loss or the gradients stayed non-finite; the last good checkpoint is kept."""
 
 
+class OutOfMemory(Exception):
+    """The device ran out of memory during a step; `saved_step` is the checkpoint written
+    (or already there) for the last completed step, None if there is none."""
+
+    def __init__(self, step: int, saved_step: Optional[int]):
+        super().__init__(f"out of memory at step {step + 1}")
+        self.step, self.saved_step = step, saved_step
+
+
 # ------------------------------------------------------------------ schedule
 
 
@@ -190,14 +199,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def trainable_state_bytes(trainable: Trainable) -> int:
-    """Adapter parameters + their gradients (held during each step) + optimiser state."""
+    """Adapter parameters + their gradients (held during each step) + optimiser state
+    (+ AdaLoRA's importance scores, which it keeps for every parameter)."""
     params = trainable.parameters()
-    total = 2 * sum(p.numel() * p.element_size() for p in params)
-    for p in params:
-        for value in trainable.optimizer.state.get(p, {}).values():
-            if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
-    return total
+    tensors = [v for p in params for v in trainable.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    if trainable.method == "adalora":
+        tensors += list(adalora_allocator_state(trainable.model).values())
+    return 2 * sum(p.numel() * p.element_size() for p in params) + \
+        sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ------------------------------------------------------------------ measuring
@@ -362,6 +371,7 @@ def train(
     fingerprint = _fingerprint(config, source, trainable)
 
     step, skipped, bad_in_a_row = 0, 0, 0
+    saved_steps: list[int] = []
     if checkpoint is not None:
         _check_fingerprint(checkpoint.state["fingerprint"], fingerprint, checkpoint_path)
         named = trainable.named_trainable()
@@ -376,7 +386,11 @@ def train(
         if device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
             torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
         step, skipped = checkpoint.state["step"], checkpoint.state["skipped_steps"]
+        saved_steps.append(step)
         _truncate_metrics(run_dir / "metrics.jsonl", step)
+        # Keep config.json in step with what may change on resume (e.g. the batch split).
+        saved_config = json.loads((run_dir / "config.json").read_text())
+        write_run_config(run_dir, config, {k: v for k, v in saved_config.items() if k not in config.to_dict()})
     else:
         write_run_config(run_dir, config, {
             "budget": trainable.rank_state.budget,
@@ -399,8 +413,13 @@ def train(
             extra.update(adalora_allocator_state(model))
         state = {"step": at_step, "micro_batches": at_step * config.grad_accum, "skipped_steps": skipped,
                  "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
-        path = ckpt.save_checkpoint(run_dir, at_step, ckpt.Checkpoint(
-            trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state), config.keep_checkpoints)
+        try:
+            path = ckpt.save_checkpoint(run_dir, at_step, ckpt.Checkpoint(
+                trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state), config.keep_checkpoints)
+        except OSError as err:
+            raise UserError(f"cannot write the checkpoint of step {at_step} in {run_dir}: "
+                            f"{err.strerror or err}; the previous checkpoint is intact") from None
+        saved_steps.append(at_step)
         report(CheckpointSaved(at_step, str(path)))
 
     def write_ranks() -> None:
@@ -430,9 +449,18 @@ def train(
                 batches.append(collate([data.train[i] for i in chosen], pad_id))
             step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
             loss = 0.0
-            for batch in batches:
-                weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
-                loss += _forward_backward(model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
+            try:
+                for batch in batches:
+                    weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
+                    loss += _forward_backward(model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
+            except torch.cuda.OutOfMemoryError:
+                # The half-done step is dropped; the state is that of the last full step.
+                trainable.optimizer.zero_grad(set_to_none=True)
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                if step > 0 and (not saved_steps or saved_steps[-1] != step):
+                    save(step)
+                raise OutOfMemory(step, saved_steps[-1] if saved_steps else None) from None
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
             lr = lr_at(step, schedule, config.lr)
             step += 1
@@ -452,23 +480,29 @@ def train(
                     f"stopped. Lower --lr (now {config.lr:g}) or check the data; the last good checkpoint is kept"
                 )
 
+            realloc_s = None
             if config.method == "l1ra" and schedule.reallocates_at(step):
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
                 event = reallocate(trainable.adapters, trainable.rank_state, step,
                                    trainable.optimizer.prune_threshold, trainable.optimizer, gen)
+                realloc_s = time.perf_counter() - t0
                 write_ranks()
                 report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
-                                   schedule.next_update(step), time.perf_counter() - t0))
+                                   schedule.next_update(step), realloc_s))
             elif config.method == "adalora":
                 trainable.rank_state.ranks = trainable.current_ranks()
 
             now = time.perf_counter()
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             memory = memory_stats(device)
+            adapter_bytes = trainable_state_bytes(trainable)
             line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tokens / (now - step_start), "mem_bytes": memory.allocated or memory.rss,
+                    "tokens_per_s": tokens / (now - step_start), "step_s": now - step_start,
+                    "mem_bytes": memory.allocated or memory.rss, "adapter_bytes": adapter_bytes,
                     "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
+            if realloc_s is not None:
+                line["realloc_s"] = realloc_s
             is_last = step == schedule.total_steps
             if is_last or (schedule.eval_every and step % schedule.eval_every == 0):
                 if data.eval:
@@ -481,11 +515,13 @@ def train(
                 report(StepLogged(
                     step=step, total_steps=schedule.total_steps, epoch=step / schedule.steps_per_epoch,
                     loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=line["tokens_per_s"],
-                    elapsed_s=now - started, memory=memory, adapter_bytes=trainable_state_bytes(trainable),
+                    elapsed_s=now - started, memory=memory, adapter_bytes=adapter_bytes,
                     rank_total=trainable.rank_state.total, skipped_steps=skipped,
                 ))
             stop = should_stop() and not is_last
-            if stop or is_last or (schedule.save_every and step % schedule.save_every == 0):
+            # No periodic checkpoint right after a skipped (non-finite) step: the newest
+            # checkpoints stay those of good steps.
+            if stop or is_last or (schedule.save_every and step % schedule.save_every == 0 and not bad_in_a_row):
                 save(step)
             if stop:
                 raise Interrupted(step, run_dir)

@@ -16,7 +16,10 @@ from l1ra_lite.errors import UserError
 HELP = "fine-tune a base model with L1RA adapters (defaults: the embedded SmolLM2 and chat corpus)"
 
 # Settings that may change when a run is resumed; all others must match the run's.
-CHANGEABLE_ON_RESUME = ("plain", "eval_every", "save_every", "keep_checkpoints", "log_every")
+# batch_size and grad_accum may trade against each other (same product, same data order)
+# so that a run that ran out of memory can continue with smaller micro-batches.
+CHANGEABLE_ON_RESUME = ("plain", "eval_every", "save_every", "keep_checkpoints", "log_every",
+                        "batch_size", "grad_accum")
 RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest")
 
 
@@ -101,6 +104,7 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any]):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {run_dir / 'config.json'}: {err}") from None
     config = FinetuneConfig(**{k: v for k, v in saved.items() if k in FIELD_NAMES})
+    examples_per_step = config.batch_size * config.grad_accum
     for key, value in overrides.items():
         if key in CHANGEABLE_ON_RESUME:
             setattr(config, key, value)
@@ -108,6 +112,9 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any]):
                                                     value.split(",") == getattr(config, key)):
             raise UserError(f"--{key.replace('_', '-')} differs from the run being resumed "
                             f"({getattr(config, key)!r}); a resumed run keeps its settings")
+    if config.batch_size * config.grad_accum != examples_per_step:
+        raise UserError(f"on resume, --batch-size x --grad-accum must stay {examples_per_step} "
+                        f"(got {config.batch_size} x {config.grad_accum})")
     validate(config)
     return config
 
@@ -173,10 +180,8 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args.recipe, overrides)
         run_dir = prepare_output(config, args.overwrite)
 
-    import torch
-
     from l1ra_lite.dashboard import open_display
-    from l1ra_lite.train import Interrupted, train
+    from l1ra_lite.train import Interrupted, OutOfMemory, train
 
     print(f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
           file=sys.stderr, flush=True)
@@ -192,12 +197,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
               f"l1ra-lite finetune --resume {run_dir}", file=sys.stderr)
         return 130
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(out_of_memory_advice(config)) from None
+    except OutOfMemory as err:
+        raise UserError(out_of_memory_advice(config, err, run_dir)) from None
+    except OSError as err:  # disk full, folder not writable: say so, keep the traceback out
+        raise UserError(f"cannot write to {run_dir}: {err.strerror or err}") from None
     print(f"l1ra-lite: adapter written to {adapter_dir} (a standard peft LoRA folder)", file=sys.stderr)
     return 0
 
 
-def out_of_memory_advice(config) -> str:
-    return (f"CUDA out of memory (batch size {config.batch_size}, seq len {config.seq_len}, "
-            f"budget {config.budget}); lower --batch-size, --seq-len or --budget, or pick a smaller recipe")
+def out_of_memory_advice(config, err, run_dir: Path) -> str:
+    """One line: what ran out, the estimate for these settings, what to lower, how to resume."""
+    try:
+        from l1ra_lite.estimate import estimate_for_config
+
+        estimated = f"estimated peak {estimate_for_config(config).total_gib:.1f} GiB; "
+    except Exception:  # the advice must not fail because the estimate could not be made
+        estimated = ""
+    saved = (f"checkpoint of step {err.saved_step} kept: continue with l1ra-lite finetune --resume {run_dir} "
+             "--batch-size N --grad-accum M (same product)" if err.saved_step else "no checkpoint was due yet")
+    return (f"CUDA out of memory at step {err.step + 1} with batch size {config.batch_size}, seq len "
+            f"{config.seq_len}, budget {config.budget} ({estimated}lower --batch-size (raise --grad-accum "
+            f"to keep the effective batch), --seq-len or --budget, or use a smaller recipe: l1ra-lite recipes); "
+            f"{saved}")
