@@ -19,6 +19,10 @@ from l1ra_lite.errors import UserError
 COMMANDS = [
     "finetune",
     "inspect",
+    "export",
+    "generate",
+    "estimate",
+    "recipes",
 ]
 
 

@@ -1,0 +1,497 @@
+"""Peak GPU memory of a QLoRA + L1RA training run, predicted from the model config alone.
+
+No weights are loaded: the model is built on the meta device (shapes only) to count the
+parameters of every linear layer. The peak of a training step is the sum of these parts:
+
+- weights_4bit     decoder linear layers in NF4 as bitsandbytes stores them: 4 bits a weight
+                   packed in bytes, one 8-bit absmax per block of 64 (double quantisation),
+                   one fp32 absmax per 256 of those, the two code books and the offset:
+                   ~4.127 bits a weight (0.5 + 0.0158 bytes).
+- weights_16bit    everything left in the compute dtype: embeddings, lm_head (never
+                   quantised), norms, biases.
+- adapters         A (r x in), B (out x r) and the gate c (r) in fp32, with their gradients
+                   and two AdamW moments (16 bytes a parameter), plus a per-rank step count.
+                   Reallocation moves rank between matrices of different sizes, so the
+                   adapter memory is a range: low = the budget spread evenly over the
+                   adapters (the start), high = every rank on the largest adapted matrix.
+                   The total uses the high end.
+- checkpoints      gradient checkpointing keeps one 16-bit hidden state per decoder layer,
+                   plus the final norm's input and output.
+- backward_peak    the larger of the two moments of the backward pass:
+                   the loss: 16-bit logits (held by the model output), the fp32 log-softmax
+                   it saves, the gradient arriving from the loss and the one it produces
+                   (14 bytes a token a vocabulary entry); or
+                   one decoder layer recomputed and back-propagated: what it saves (norms in
+                   fp32, q/k/v and the sdpa output with no seq x seq matrix, the MLP
+                   intermediates, the adapter inputs), the gradients in flight, one
+                   dequantised 16-bit weight, and the 16-bit logits still held.
+- cuda_context     the CUDA context and library handles (not visible to torch's allocator).
+- fragmentation    the caching allocator reserves more than it hands out.
+
+`Estimate.allocated_bytes` leaves the last two out: it is the figure to compare with
+`torch.cuda.max_memory_allocated()`.
+
+The adapters counted here follow the injection's rule: every `nn.Linear` inside the
+decoder blocks by default, or those whose module path ends with one of `target_modules`
+(peft's suffix match); the default budget is 8 ranks an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from l1ra_lite.aliases import ALIASES, DEFAULT_MODEL, hub_id, looks_like_alias
+from l1ra_lite.errors import UserError
+from l1ra_lite.events import layer_index
+
+if TYPE_CHECKING:  # heavy imports only where used
+    from l1ra_lite.config import FinetuneConfig
+
+GIB = 1 << 30
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+
+# bitsandbytes' 4-bit layout (Linear4bit with quant_type nf4, compress_statistics=True).
+NF4_BLOCKSIZE = 64  # weights per absmax
+NESTED_BLOCKSIZE = 256  # absmax values per fp32 nested absmax (double quantisation)
+NF4_CODE_ENTRIES = 16  # fp32 code book of the 4-bit type
+NESTED_CODE_ENTRIES = 256  # fp32 code book of the 8-bit absmax
+CUDA_BLOCK = 512  # torch's caching allocator rounds every allocation up to this
+
+BYTES_16BIT = 2  # compute dtype (bf16 / fp16)
+ADAPTER_BYTES_PER_PARAM = 4 * 4  # fp32 value, gradient, two Adam moments
+RANK_STEP_BYTES = 8  # per-rank step count kept by the optimiser (bias correction)
+# 2 (16-bit logits) + 4 (saved log-softmax) + 4 + 4 (gradients); measured 14.0 for
+# transformers' ForCausalLMLoss while the model output still holds the logits
+LOSS_BYTES_PER_LOGIT = 14
+HELD_LOGITS_BYTES = 2  # the 16-bit logits the model output keeps during the backward pass
+
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)
+FRAGMENTATION = 0.08  # reserved over allocated, as a share of the allocated peak
+
+PART_LABELS = {
+    "weights_4bit": "base weights, 4-bit NF4 + constants",
+    "weights_16bit": "embeddings, head, norms (16-bit)",
+    "adapters": "adapters + grads + AdamW (high end)",
+    "checkpoints": "checkpointed hidden states",
+    "backward_peak": "backward peak",
+    "cuda_context": "CUDA context",
+    "fragmentation": f"allocator fragmentation ({FRAGMENTATION:.0%})",
+}
+
+# alias -> bundled config file; the instruct models share their base's shapes.
+BUNDLED_CONFIGS = {
+    "mistral-7b": "mistral-7b.json",  # mistralai/Mistral-7B-v0.3
+    "mistral-7b-instruct": "mistral-7b.json",
+    "llama-3.1-8b": "llama-3.1-8b.json",  # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b-instruct": "llama-3.1-8b.json",
+    "qwen2.5-7b": "qwen2.5-7b.json",  # Qwen/Qwen2.5-7B
+    "qwen2.5-7b-instruct": "qwen2.5-7b.json",
+    "smollm2-135m": "smollm2-135m.json",  # HuggingFaceTB/SmolLM2-135M-Instruct
+    "smollm2-135m-instruct": "smollm2-135m.json",
+}
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    path: str  # full module path, e.g. model.layers.0.self_attn.q_proj
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model, read from its meta-device build."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    quantised: list[LinearShape]  # linear layers stored in 4-bit (empty when quant is none)
+    params_16bit: int  # every other parameter, kept in the compute dtype
+    buffer_bytes: int  # e.g. rotary inv_freq
+    adapted: list[LinearShape]  # linear layers that get an adapter
+
+
+@dataclass
+class Estimate:
+    model: str
+    budget: int
+    n_adapters: int
+    seq_len: int
+    batch_size: int
+    parts: dict[str, int]  # bytes, in PART_LABELS order; they add up to total_bytes
+    adapter_range: tuple[int, int]  # (low, high) bytes of adapters + optimiser state
+    loss_phase_bytes: int  # the two candidates for backward_peak
+    layer_phase_bytes: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak torch's allocator hands out (compare with max_memory_allocated)."""
+        return self.total_bytes - self.parts["cuda_context"] - self.parts["fragmentation"]
+
+    def headroom(self, gpu_gib: float) -> float:
+        """Share of a card of `gpu_gib` GiB left free at the peak (negative: does not fit)."""
+        return 1.0 - self.total_bytes / (gpu_gib * GIB)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "budget": self.budget,
+            "n_adapters": self.n_adapters,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "parts": dict(self.parts),
+            "parts_gib": {k: round(v / GIB, 4) for k, v in self.parts.items()},
+            "adapter_range_bytes": list(self.adapter_range),
+            "loss_phase_bytes": self.loss_phase_bytes,
+            "layer_phase_bytes": self.layer_phase_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "total_bytes": self.total_bytes,
+            "total_gib": round(self.total_gib, 4),
+        }
+
+
+# --- model config ---------------------------------------------------------------------
+
+
+def bundled_config_path(alias: str) -> Optional[Path]:
+    name = BUNDLED_CONFIGS.get(alias)
+    return MODEL_CONFIGS_DIR / name if name else None
+
+
+def resolve_model_config(name: Optional[str], trust_remote_code: bool = False):
+    """A transformers config for a model name, without downloading weights.
+
+    None: the embedded default. A folder: its config.json. An alias (or the hub id an
+    alias stands for): the config bundled with the package, so no network is needed.
+    Anything else is a hub id, read with AutoConfig (needs the network).
+    """
+    from transformers import AutoConfig
+
+    name = name or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json")
+        return config_from_json(path / "config.json")
+    alias = _alias_for(name)
+    if alias is not None and bundled_config_path(alias) is not None:
+        return config_from_json(bundled_config_path(alias))
+    if looks_like_alias(name):
+        name = hub_id(name)  # raises the one-line "unknown model alias" error
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:  # network, missing repo, gated repo: all user-facing
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot read the config of {name!r} from the hub ({reason}); "
+            f"use an alias ({', '.join(sorted(BUNDLED_CONFIGS))}) or a local folder with config.json"
+        ) from None
+
+
+def _alias_for(name: str) -> Optional[str]:
+    if name in ALIASES:
+        return name
+    for alias, repo in ALIASES.items():  # a hub id an alias points to: same config
+        if repo == name and alias in BUNDLED_CONFIGS:
+            return alias
+    return None
+
+
+def config_from_json(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise UserError(f"{path} is not a model config (no model_type)")
+    try:
+        return AutoConfig.for_model(**values)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unsupported model config ({err})") from None
+
+
+# --- model shape ----------------------------------------------------------------------
+
+
+def adapted_linears(model, target_modules: Optional[list[str]] = None) -> list[tuple[str, Any]]:
+    """The (path, nn.Linear) pairs that get an adapter.
+
+    Default: every nn.Linear inside the decoder blocks (its path has a layer index).
+    With `target_modules`: the nn.Linear whose path equals or ends with `.<name>`.
+    """
+    import torch
+
+    chosen = []
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if target_modules is None:
+            wanted = layer_index(path) is not None
+        else:
+            wanted = any(path == t or path.endswith("." + t) for t in target_modules)
+        if wanted:
+            chosen.append((path, module))
+    return chosen
+
+
+def model_shape(model_config, target_modules: Optional[list[str]] = None, quant: str = "nf4") -> ModelShape:
+    """Build the model on the meta device and sort its parameters into 4-bit, 16-bit, adapted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    dims = _decoder_dims(text)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except (ValueError, KeyError, TypeError, ImportError) as err:
+        kind = model_config.model_type
+        raise UserError(f"cannot build a causal LM from the {kind!r} config ({err})") from None
+
+    head = model.get_output_embeddings()
+    quantised = []
+    quantised_weights = set()
+    if quant == "nf4":  # transformers' bnb quantiser converts every Linear but the head
+        for path, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                quantised.append(_shape(path, module))
+                quantised_weights.add(id(module.weight))
+    params_16bit = sum(p.numel() for p in model.parameters() if id(p) not in quantised_weights)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    adapted = [_shape(path, module) for path, module in adapted_linears(model, target_modules)]
+    if not adapted:
+        wanted = ", ".join(target_modules) if target_modules else "linear layers in decoder blocks"
+        raise UserError(f"no module of {model_config.model_type!r} matches the target modules ({wanted})")
+    return ModelShape(
+        model_type=model_config.model_type,
+        quantised=quantised,
+        params_16bit=params_16bit,
+        buffer_bytes=buffer_bytes,
+        adapted=adapted,
+        **dims,
+    )
+
+
+def _shape(path: str, module) -> LinearShape:
+    return LinearShape(path, module.in_features, module.out_features)
+
+
+def _decoder_dims(text_config) -> dict[str, int]:
+    names = {
+        "hidden": "hidden_size",
+        "intermediate": "intermediate_size",
+        "layers": "num_hidden_layers",
+        "heads": "num_attention_heads",
+        "vocab": "vocab_size",
+    }
+    dims = {}
+    for key, attr in names.items():
+        value = getattr(text_config, attr, None)
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(
+                f"cannot estimate memory for {text_config.model_type!r}: its config has no {attr} "
+                "(the estimator knows llama-family decoder configs)"
+            )
+        dims[key] = value
+    return dims
+
+
+# --- the parts ------------------------------------------------------------------------
+
+
+def cuda_bytes(nbytes: int) -> int:
+    """Bytes the caching allocator hands out for a tensor of `nbytes`."""
+    return max(1, math.ceil(nbytes / CUDA_BLOCK)) * CUDA_BLOCK
+
+
+def nf4_bytes(numel: int) -> int:
+    """One weight matrix in bitsandbytes' NF4 with double quantisation, as allocated."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    return (
+        cuda_bytes(math.ceil(numel / 2))  # packed 4-bit weights, two a byte
+        + cuda_bytes(blocks)  # 8-bit absmax a block
+        + cuda_bytes(4 * nested_blocks)  # fp32 absmax of the absmax
+        + cuda_bytes(4 * NESTED_CODE_ENTRIES)  # 8-bit code book
+        + cuda_bytes(4)  # offset (mean absmax)
+        + cuda_bytes(4 * NF4_CODE_ENTRIES)  # NF4 code book
+    )
+
+
+def default_budget(n_adapters: int) -> int:
+    return 8 * n_adapters
+
+
+def even_ranks(n_adapters: int, budget: int) -> list[int]:
+    """The starting allocation: the budget spread evenly, the remainder to the first ones."""
+    base, extra = divmod(budget, n_adapters)
+    return [base + (1 if i < extra else 0) for i in range(n_adapters)]
+
+
+def bytes_per_rank(linear: LinearShape) -> int:
+    """One rank of an adapter: a row of A, a column of B and a gate, with their optimiser state."""
+    return (linear.in_features + linear.out_features + 1) * ADAPTER_BYTES_PER_PARAM + RANK_STEP_BYTES
+
+
+def adapter_range(adapted: list[LinearShape], budget: int) -> tuple[int, int]:
+    """(low, high) bytes: the budget spread evenly, or all of it on the largest matrix."""
+    low = sum(r * bytes_per_rank(lin) for r, lin in zip(even_ranks(len(adapted), budget), adapted))
+    high = budget * max(bytes_per_rank(lin) for lin in adapted)
+    return low, high
+
+
+def checkpoint_bytes(shape: ModelShape, tokens: int) -> int:
+    """One 16-bit hidden state a layer, plus the final norm (fp32 copy and 16-bit output)."""
+    per_layer = shape.layers * tokens * shape.hidden * BYTES_16BIT
+    final_norm = tokens * shape.hidden * (BYTES_16BIT + 4 + BYTES_16BIT)
+    return per_layer + final_norm
+
+
+def loss_phase_bytes(shape: ModelShape, tokens: int) -> int:
+    """The loss on the logits: 16-bit logits, fp32 log-softmax saved, two fp32 gradients."""
+    return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
+
+
+def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str) -> int:
+    """One decoder layer recomputed and back-propagated, with the 16-bit logits still held.
+
+    The saved tensors are those autograd keeps for a transformers Llama / Mistral / Qwen2
+    layer under 16-bit autocast (counted with saved_tensors_hooks on a small model with
+    fp32 peft LoRA adapters); k and v are taken at full width, as when a padding mask makes
+    sdpa repeat them. bitsandbytes dequantises a 4-bit weight to 16-bit for each matmul,
+    one at a time: the largest one is counted once.
+    """
+    h, i = shape.hidden, shape.intermediate
+    saved_per_token = (
+        2 * (4 * h + 2 * h)  # two RMSNorms: fp32 copy of the input and the 16-bit output
+        + 5 * 2 * h  # q, k, v (repeated to every head), sdpa output, o_proj input
+        + 4 * shape.heads  # sdpa's fp32 log-sum-exp, no seq x seq matrix
+        + 4 * 2 * i  # MLP: gate, up, silu(gate), their product
+        + 2 * (2 * h + i)  # the adapters' own copies of their inputs
+    )
+    grads_per_token = 3 * 2 * i + 2 * 4 * h  # MLP gradients in flight, fp32 norm gradients
+    dequantised = BYTES_16BIT * max(lin.numel for lin in shape.quantised) if quant == "nf4" else 0
+    held_logits = tokens * shape.vocab * HELD_LOGITS_BYTES
+    return tokens * (saved_per_token + grads_per_token) + dequantised + held_logits
+
+
+# --- the estimate ---------------------------------------------------------------------
+
+
+def estimate(
+    model_config,
+    *,
+    budget: Optional[int],
+    seq_len: int,
+    batch_size: int,
+    target_modules: Optional[list[str]] = None,
+    quant: str = "nf4",
+    model_name: Optional[str] = None,
+) -> Estimate:
+    """Peak GPU memory of training with these settings (budget None: 8 ranks an adapter)."""
+    if quant not in ("nf4", "none"):
+        raise UserError(f"quant must be nf4 or none (got {quant!r})")
+    for key, value in (("seq-len", seq_len), ("batch-size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key} must be a positive integer (got {value!r})")
+    shape = model_shape(model_config, target_modules, quant)
+    n_adapters = len(shape.adapted)
+    budget = default_budget(n_adapters) if budget is None else budget
+    if not isinstance(budget, int) or budget <= 0:
+        raise UserError(f"budget must be a positive integer (got {budget!r})")
+    tokens = seq_len * batch_size
+
+    weights_4bit = sum(nf4_bytes(lin.numel) for lin in shape.quantised)
+    weights_16bit = cuda_bytes(shape.params_16bit * BYTES_16BIT) + shape.buffer_bytes
+    low, high = adapter_range(shape.adapted, budget)
+    loss_phase = loss_phase_bytes(shape, tokens)
+    layer_phase = layer_phase_bytes(shape, tokens, quant)
+    parts = {
+        "weights_4bit": weights_4bit,
+        "weights_16bit": weights_16bit,
+        "adapters": high,
+        "checkpoints": checkpoint_bytes(shape, tokens),
+        "backward_peak": max(loss_phase, layer_phase),
+    }
+    allocated = sum(parts.values())
+    parts["cuda_context"] = CUDA_CONTEXT_BYTES
+    parts["fragmentation"] = int(FRAGMENTATION * allocated)
+    return Estimate(
+        model=model_name or getattr(model_config, "_name_or_path", "") or shape.model_type,
+        budget=budget,
+        n_adapters=n_adapters,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        parts=parts,
+        adapter_range=(low, high),
+        loss_phase_bytes=loss_phase,
+        layer_phase_bytes=layer_phase,
+        notes={"model_type": shape.model_type, "quant": quant},
+    )
+
+
+def estimate_for_config(config: "FinetuneConfig") -> Estimate:
+    """The estimate for a finetune configuration (its model resolved without weights)."""
+    model_config = resolve_model_config(config.model, config.trust_remote_code)
+    return estimate(
+        model_config,
+        budget=config.budget,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        target_modules=config.target_modules,
+        quant=config.quant,
+        model_name=config.model or DEFAULT_MODEL,
+    )
+
+
+def estimate_for_recipe(recipe: str, **overrides: Any) -> Estimate:
+    """The estimate for a recipe (name or path), with finetune options overridden."""
+    from l1ra_lite.config import build_config
+
+    return estimate_for_config(build_config(recipe, overrides))
+
+
+def format_plain(est: Estimate, gpu_gib: Optional[float] = None) -> str:
+    """The estimate as plain text lines (for scripts and logs)."""
+    lines = [
+        f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
+        f"seq {est.seq_len} x batch {est.batch_size}"
+    ]
+    for key, value in est.parts.items():
+        lines.append(f"  {PART_LABELS[key]:<40} {value / GIB:7.2f} GiB")
+    low, high = est.adapter_range
+    lines.append(f"  {'(adapters, ranks spread evenly)':<40} {low / GIB:7.2f} GiB")
+    lines.append(f"  {'total':<40} {est.total_gib:7.2f} GiB")
+    if gpu_gib is not None:
+        lines.append("  " + fit_sentence(est, gpu_gib))
+    return "\n".join(lines)
+
+
+def fit_sentence(est: Estimate, gpu_gib: float) -> str:
+    room = est.headroom(gpu_gib)
+    if room >= 0:
+        return f"fits {gpu_gib:g} GiB with {room:.0%} headroom"
+    return f"does NOT fit {gpu_gib:g} GiB: needs {est.total_gib:.2f} GiB"

@@ -1,0 +1,505 @@
+"""Export of a finished run: merge, hf folder, GGUF LoRA, whole-model GGUF, CLI errors.
+
+Every test builds a tiny finished run folder by hand (random Llama weights, a small
+byte-level BPE tokenizer with a ChatML template, a peft LoRA adapter with a different
+rank per module and non-zero B) the way docs/CONTRACTS.md describes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from l1ra_lite.cli import main as cli_main
+from l1ra_lite.errors import UserError
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB = 320
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CORPUS = [
+    "hello world, how are you today?",
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital.",
+    "numbers 123 456 and more words to merge",
+] * 20
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style, with merges) and ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def rank_of(path: str) -> int:
+    """A different rank per module: 1..4 by layer and projection."""
+    layer = int(path.split(".")[2])
+    return 1 + (layer + TARGETS.index(path.rsplit(".", 1)[1])) % 4
+
+
+def make_run(
+    root: Path, quant: str = "none", compute_dtype: str = "float32", tied: bool = False, model_type: str = "llama"
+) -> Path:
+    """A finished run folder: base/ (16-bit), run/config.json, run/adapter/ (standard peft LoRA)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tokenizer()
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tied, initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    if model_type == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    base = root / "base"
+    model.to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    model = model.float()
+    paths = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    config = LoraConfig(
+        r=2, lora_alpha=3.0, target_modules=TARGETS, rank_pattern={p: rank_of(p) for p in paths},
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:  # non-zero A and B of a size that moves the logits visibly
+            param.data = torch.randn(param.shape, generator=generator) * 0.2
+    run = root / "run"
+    peft_model.save_pretrained(run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    run_config = {
+        "model": str(base), "quant": quant, "compute_dtype": compute_dtype, "trust_remote_code": False,
+        "base_model_path": str(base), "model_type": model_type, "total_steps": 1, "version": "0.1.0",
+    }
+    (run / "config.json").write_text(json.dumps(run_config))
+    return run
+
+
+def peft_logits(run: Path, ids: torch.Tensor, nf4: bool = False) -> torch.Tensor:
+    """Logits of stock peft's adapter on the base (the reference every export must match)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base_path = json.loads((run / "config.json").read_text())["base_model_path"]
+    kwargs = {}
+    if nf4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **kwargs)
+    model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 150, 7, 260, 31, 8, 200]])
+
+
+@pytest.fixture(scope="module")
+def run_none(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("none"))
+
+
+@pytest.fixture(scope="module")
+def run_nf4(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("nf4"), quant="nf4", compute_dtype="float32")
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_nf4_round_trip_matches_transformers_4bit_loading(run_nf4):
+    """Our CPU NF4 round trip gives exactly the weights a BitsAndBytesConfig model holds."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from l1ra_lite.export.merge import nf4_round_trip, nf4_weight_names
+
+    base = run_nf4.parent / "base"
+    for compute in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=compute, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            ),
+        )
+        quantised = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert {f"{n}.weight" for n in quantised} == nf4_weight_names(base, trust_remote_code=False)
+        with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+            for name, module in quantised.items():
+                loaded = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                mine = nf4_round_trip(f.get_tensor(f"{name}.weight"), compute)
+                assert mine.dtype == loaded.dtype == compute
+                assert torch.equal(mine, loaded), name
+
+
+def test_adapter_reading_gives_per_module_ranks_and_peft_scale(run_none):
+    from l1ra_lite.export.lora import read_adapter
+
+    adapter = read_adapter(run_none / "adapter")
+    assert len(adapter.A) == 14
+    path = "model.layers.1.mlp.down_proj"
+    assert adapter.rank(path) == rank_of(path) == 4
+    assert adapter.scale(path) == pytest.approx(3.0 / 4)
+    ranks = {adapter.rank(p) for p in adapter.A}
+    assert ranks == {1, 2, 3, 4}
+
+
+def test_adapter_with_extra_tensor_is_refused(tmp_path, run_none):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from l1ra_lite.export.lora import read_adapter
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_none / "adapter", adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="only lora_A / lora_B"):
+        read_adapter(adapter)
+
+
+# ---------------------------------------------------------------- hf
+
+
+def test_hf_export_f32_matches_peft_on_16bit_base(run_none, tmp_path):
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.run_folder import read_run
+
+    out = export_hf(read_run(run_none), tmp_path / "hf", dtype="f32")
+    assert not (out / "adapter_config.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert (out / "tokenizer.json").is_file()
+    reference = peft_logits(run_none, IDS)
+    exported = hf_logits(out, IDS)
+    base_only = hf_logits(run_none.parent / "base", IDS)
+    assert (reference - base_only).abs().max() > 0.05  # the adapter really moves the logits
+    assert (exported - reference).abs().max() <= 1e-3
+
+
+def test_hf_export_dequantized_matches_peft_on_nf4_base(run_nf4, tmp_path):
+    """Default for an nf4 run: merge into the dequantised NF4 weights the adapter saw."""
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.run_folder import read_run
+
+    run = read_run(run_nf4)
+    dequantized = export_hf(run, tmp_path / "deq", dtype="f32")
+    original = export_hf(run, tmp_path / "orig", dtype="f32", merge_into="original")
+    reference = peft_logits(run_nf4, IDS, nf4=True)
+    assert (hf_logits(dequantized, IDS) - reference).abs().max() <= 1e-3
+    # merging into the 16-bit weights instead gives a visibly different model
+    assert (hf_logits(original, IDS) - reference).abs().max() > 1e-2
+
+
+def test_hf_export_f16_sharded(run_none, tmp_path):
+    """f16 export: documented bound 2e-2 on these logits (|logit| < 10, f16 weights carry
+    ~3 significant digits); sharding writes an index that transformers follows."""
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.run_folder import read_run
+
+    out = export_hf(read_run(run_none), tmp_path / "hf16", dtype="f16", shard_bytes=60_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((out / f).is_file() for f in files)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    diff = (hf_logits(out, IDS) - peft_logits(run_none, IDS)).abs().max()
+    assert diff <= 2e-2
+
+
+def test_hf_export_bf16_has_bf16_weights(run_none, tmp_path):
+    from safetensors import safe_open
+
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.run_folder import read_run
+
+    out = export_hf(read_run(run_none), tmp_path / "hfbf", dtype="bf16")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_plan_shards_keeps_order_and_limit():
+    from l1ra_lite.export.hf import plan_shards
+    from l1ra_lite.export.merge import TensorSpec
+
+    specs = [TensorSpec(f"t{i}", (10, n), Path("x")) for i, n in enumerate([5, 5, 30, 1, 1])]
+    assert plan_shards(specs, 2, 200) == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+
+
+# ---------------------------------------------------------------- gguf-lora
+
+
+def test_gguf_lora_reads_back_with_permutation_undone(run_none, tmp_path):
+    import gguf
+
+    from l1ra_lite.export.gguf_lora import export_gguf_lora
+    from l1ra_lite.export.llama_gguf import unpermute_rows
+    from l1ra_lite.export.lora import read_adapter
+    from l1ra_lite.export.run_folder import read_run
+
+    out = export_gguf_lora(read_run(run_none), tmp_path / "adapter.gguf")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(3.0)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    assert len(tensors) == 28 and all(a.dtype == np.float32 for a in tensors.values())
+
+    adapter = read_adapter(run_none / "adapter")
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    heads = {"q_proj": 4, "k_proj": 2}
+    for module in adapter.A:
+        layer, proj = module.split(".")[2], module.rsplit(".", 1)[1]
+        a = tensors[f"blk.{layer}.{gguf_names[proj]}.weight.lora_a"]
+        b = tensors[f"blk.{layer}.{gguf_names[proj]}.weight.lora_b"]
+        assert a.shape == (rank_of(module), adapter.A[module].shape[1])  # (r, in)
+        assert b.shape == (adapter.B[module].shape[0], rank_of(module))  # (out, r)
+        np.testing.assert_array_equal(a, adapter.A[module].numpy())
+        if proj in heads:
+            assert not np.array_equal(b, adapter.B[module].numpy())  # the permutation did act
+            b = unpermute_rows(b, heads[proj])
+        np.testing.assert_array_equal(b, adapter.B[module].numpy())
+
+
+def test_permutation_matches_rotary_halves_to_pairs():
+    """Row order within a head: [x0..x3 | y0..y3] -> x0 y0 x1 y1 ... (what llama.cpp's rope expects)."""
+    from l1ra_lite.export.llama_gguf import permute_rows, unpermute_rows
+
+    rows = np.arange(16).reshape(16, 1)  # 2 heads of 8 rows
+    permuted = permute_rows(rows, 2)[:, 0]
+    assert permuted.tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    np.testing.assert_array_equal(unpermute_rows(permute_rows(rows, 2), 2), rows)
+
+
+# ---------------------------------------------------------------- gguf (whole model)
+
+
+def _gguf_weights(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    weights = {}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        weights[t.name] = values.reshape(tuple(int(d) for d in reversed(t.shape)))
+    return weights, reader.fields
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 0.0), ("bf16", 1 / 128), ("q8_0", 1 / 127)])
+def test_gguf_model_reads_back_as_the_merged_weights(run_nf4, tmp_path, dtype, tol):
+    from safetensors import safe_open
+
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.llama_gguf import LlamaLayout
+    from l1ra_lite.export.run_folder import read_run
+
+    run = read_run(run_nf4)
+    merged_dir = export_hf(run, tmp_path / "hf", dtype="f32")  # checked against peft above
+    path, modelfile = export_gguf(run, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
+    weights, fields = _gguf_weights(path)
+    layout = LlamaLayout("llama", n_layers=2, n_head=4, n_kv_head=2, permute_qk=True)
+    with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
+        assert len(weights) == len(list(f.keys()))
+        for hf_name in f.keys():
+            expected = f.get_tensor(hf_name).numpy()
+            got = layout.from_gguf_rows(hf_name, weights[layout.tensor_name(hf_name)])
+            assert got.shape == expected.shape
+            # bf16 rounds each value, q8_0 each block of 32 to 1/127 of its largest value
+            bound = tol * np.abs(expected).max() + 1e-7 if expected.ndim == 2 else 0.0
+            assert np.abs(got - expected).max() <= bound, hf_name
+
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.block_count"].contents() == 2
+    assert fields["llama.attention.head_count"].contents() == 4
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["llama.rope.dimension_count"].contents() == 16
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    tokenizer = build_tokenizer()
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == VOCAB and tokens[tokenizer.eos_token_id] == "<|im_end|>"
+    assert fields["tokenizer.ggml.token_type"].contents()[tokenizer.eos_token_id] == 3  # CONTROL
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert len(fields["tokenizer.ggml.merges"].contents()) > 10
+    assert fields["tokenizer.chat_template"].contents() == CHATML
+    text = modelfile.read_text()
+    assert f"FROM ./model-{dtype}.gguf" in text and "<|im_start|>{{ .Role }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_gguf_llama3_rope_scaling_writes_rope_freqs(tmp_path):
+    """Llama 3.1 rope scaling becomes llama.cpp's rope_freqs tensor: 1 for high frequencies,
+    `factor` for low ones, smooth in between."""
+    from transformers import LlamaConfig
+
+    from l1ra_lite.export.gguf_model import llama3_rope_factors
+
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=1024, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    factors = llama3_rope_factors(config)
+    assert factors.shape == (8,)
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(8.0)
+    assert np.all(np.diff(factors) >= -1e-5)
+    # the one frequency between the two wavelength limits, by Llama 3.1's formula
+    wavelength = 2 * np.pi * 500000.0 ** (2 / 16)
+    smooth = (64 / wavelength - 1.0) / (4.0 - 1.0)
+    assert factors[1] == pytest.approx(1 / ((1 - smooth) / 8.0 + smooth), rel=1e-5)
+    assert llama3_rope_factors(LlamaConfig(hidden_size=64, num_attention_heads=4)) is None
+
+
+def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
+    """A byte-fallback BPE tokenizer (Mistral / Llama 2 style) is written as tokenizer model 'llama'."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.export.run_folder import read_run
+
+    run = make_run(tmp_path, model_type="mistral")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})
+    vocab.update({"▁": 259, "a": 260, "b": 261, "▁a": 262})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (run / "adapter" / name).unlink(missing_ok=True)
+    fast.save_pretrained(run / "adapter")
+
+    path, modelfile = export_gguf(read_run(run), tmp_path / "m.gguf", dtype="f16")
+    _, fields = _gguf_weights(path)
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == VOCAB  # padded to the model's embedding rows
+    assert tokens[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6  # BYTE
+    assert types[-1] == 5  # UNUSED padding
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert "[INST] {{ .Content }}[/INST]" in modelfile.read_text()
+
+
+# ---------------------------------------------------------------- CLI and bad input
+
+
+def test_cli_export_defaults_and_refuses_to_overwrite(run_none, capsys):
+    target = run_none / "adapter.gguf"
+    assert cli_main(["export", str(run_none), "--format", "gguf-lora"]) == 0
+    assert target.is_file()
+    before = target.read_bytes()
+    assert cli_main(["export", str(run_none), "--format", "gguf-lora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert target.read_bytes() == before
+    assert cli_main(["export", str(run_none), "--format", "gguf-lora", "--overwrite"]) == 0
+    assert not list(run_none.glob(".*partial*"))
+
+
+def test_cli_export_hf_default_folder(run_none):
+    assert cli_main(["export", str(run_none), "--format", "hf"]) == 0
+    config = json.loads((run_none / "export-hf" / "config.json").read_text())
+    assert config["dtype"] == "float16"
+
+
+def test_cli_gguf_default_name_and_modelfile(run_none):
+    assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q8_0"]) == 0
+    assert (run_none / "model-q8_0.gguf").is_file() and (run_none / "model-q8_0.Modelfile").is_file()
+
+
+def test_cli_not_a_finished_run(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["export", str(tmp_path), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a finished run" in err[0]
+    assert cli_main(["export", str(tmp_path / "nope"), "--format", "hf"]) == 2
+
+
+def test_cli_unsupported_architecture_for_gguf(run_none, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_none, run, ignore=shutil.ignore_patterns("export-hf", "*.gguf", "*.Modelfile"))
+    config = json.loads((run / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli_main(["export", str(run), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--format hf" in err[0] and "gpt_neox" in err[0]
+    assert not list(run.glob("*.gguf")) and not list(run.glob(".*partial*"))
+
+
+def test_cli_dequantized_merge_needs_nf4_run(run_none, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli_main(["export", str(run_none), "--format", "hf", "--merge-into", "dequantized", "--out", str(out)]) == 2
+    assert "quant=none" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):
+    """An error in the middle of writing (here: a bad adapter) keeps the old file and no temp."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(run_none, run, ignore=shutil.ignore_patterns("export-hf", "*.gguf", "*.Modelfile"))
+    target = run / "model-f16.gguf"
+    target.write_bytes(b"old")
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = torch.zeros(63, tensors[key].shape[1])
+    save_file(tensors, str(run / "adapter" / "adapter_model.safetensors"))
+    assert cli_main(["export", str(run), "--format", "gguf", "--overwrite"]) == 2
+    assert target.read_bytes() == b"old"
+    assert not list(run.glob(".*partial*"))
