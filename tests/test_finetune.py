@@ -210,3 +210,34 @@ def test_recipe_with_an_unknown_key_is_refused(tmp_path, capsys):
     recipe.write_text('model = "smollm2-135m"\nbudgett = 3\n[meta]\ncard = "x"\n')
     code, err = cli(capsys, "--recipe", recipe)
     assert code == 2 and "unknown key(s) budgett" in err[-1]
+
+
+# ---------------------------------------------------------------- what later commands read
+
+
+def test_inspect_reads_a_finished_run(finished, capsys, tmp_path):
+    run_dir, _, _ = finished
+    assert main(["inspect", str(run_dir), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["budget"] == summary["total_rank"] == 28
+    assert sum(summary["by_type"].values()) == 28 and sum(summary["by_layer"].values()) == 28
+    assert [h["step"] for h in summary["history"]] == [3, 6, 9]
+    assert all(sum(h["by_type"].values()) == 28 for h in summary["history"])
+    assert main(["inspect", str(run_dir)]) == 0
+    assert "28" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert main(["inspect", str(run_dir), "--png", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hf_export_of_a_finished_run_equals_the_in_training_model(workdir, finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, _ = finished
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--format", "hf", "--dtype", "f32", "--out", str(out)]) == 0
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = in_training_model(workdir, run_dir)(input_ids=x).logits
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=x).logits
+    assert (merged - expected).abs().max().item() <= 1e-3
