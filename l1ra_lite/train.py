@@ -324,6 +324,46 @@ def _save_adapter(trainable: Trainable, run_dir: Path, source: ModelSource, conf
     return final
 
 
+def checkpoint_of(trainable: Trainable, step: int, skipped: int, fingerprint: dict, device: str,
+                  grad_accum: int) -> ckpt.Checkpoint:
+    """Everything needed to continue exactly from after `step`."""
+    extra = {"rng.torch_cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        extra["rng.cuda"] = torch.cuda.get_rng_state()
+    if trainable.method == "adalora":
+        extra.update(adalora_allocator_state(trainable.model))
+    state = {"step": step, "micro_batches": step * grad_accum, "skipped_steps": skipped,
+             "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
+    return ckpt.Checkpoint(trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state)
+
+
+def restore(trainable: Trainable, checkpoint: ckpt.Checkpoint, device: str) -> tuple[int, int]:
+    """Load a checkpoint into adapters whose ranks already match it; (step, skipped)."""
+    with torch.no_grad():
+        for name, param in trainable.named_trainable().items():
+            param.copy_(checkpoint.trainable[name])
+    trainable.optimizer.load_state_dict(checkpoint.optimizer)
+    trainable.rank_state = RankState.from_json(checkpoint.state["rank_state"])
+    if trainable.method == "adalora":
+        load_adalora_allocator_state(trainable.model, checkpoint.extra)
+    torch.set_rng_state(checkpoint.extra["rng.torch_cpu"])
+    if device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
+        torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
+    return checkpoint.state["step"], checkpoint.state["skipped_steps"]
+
+
+def step_batches(train_examples: list[dict], schedule: Schedule, config: FinetuneConfig, step: int,
+                 order_of_epoch: Callable[[int], list[int]], pad_id: int) -> list[dict]:
+    """The micro-batches of optimiser step `step`: a pure function of the step, so a
+    resumed run reads exactly the data the uninterrupted one would have."""
+    batches = []
+    for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+        epoch, index = divmod(micro, schedule.micro_per_epoch)
+        chosen = order_of_epoch(epoch)[index * config.batch_size:(index + 1) * config.batch_size]
+        batches.append(collate([train_examples[i] for i in chosen], pad_id))
+    return batches
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -374,18 +414,7 @@ def train(
     saved_steps: list[int] = []
     if checkpoint is not None:
         _check_fingerprint(checkpoint.state["fingerprint"], fingerprint, checkpoint_path)
-        named = trainable.named_trainable()
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(checkpoint.trainable[name])
-        trainable.optimizer.load_state_dict(checkpoint.optimizer)
-        trainable.rank_state = RankState.from_json(checkpoint.state["rank_state"])
-        if config.method == "adalora":
-            load_adalora_allocator_state(model, checkpoint.extra)
-        torch.set_rng_state(checkpoint.extra["rng.torch_cpu"])
-        if device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
-            torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
-        step, skipped = checkpoint.state["step"], checkpoint.state["skipped_steps"]
+        step, skipped = restore(trainable, checkpoint, device)
         saved_steps.append(step)
         _truncate_metrics(run_dir / "metrics.jsonl", step)
         # Keep config.json in step with what may change on resume (e.g. the batch split).
@@ -406,16 +435,9 @@ def train(
         })
 
     def save(at_step: int) -> None:
-        extra = {"rng.torch_cpu": torch.get_rng_state()}
-        if device.startswith("cuda"):
-            extra["rng.cuda"] = torch.cuda.get_rng_state()
-        if config.method == "adalora":
-            extra.update(adalora_allocator_state(model))
-        state = {"step": at_step, "micro_batches": at_step * config.grad_accum, "skipped_steps": skipped,
-                 "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
+        snapshot = checkpoint_of(trainable, at_step, skipped, fingerprint, device, config.grad_accum)
         try:
-            path = ckpt.save_checkpoint(run_dir, at_step, ckpt.Checkpoint(
-                trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state), config.keep_checkpoints)
+            path = ckpt.save_checkpoint(run_dir, at_step, snapshot, config.keep_checkpoints)
         except OSError as err:
             raise UserError(f"cannot write the checkpoint of step {at_step} in {run_dir}: "
                             f"{err.strerror or err}; the previous checkpoint is intact") from None
@@ -441,12 +463,7 @@ def train(
     try:
         while step < schedule.total_steps:
             step_start = time.perf_counter()
-            batches = []
-            for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
-                epoch, index = divmod(micro, schedule.micro_per_epoch)
-                order = order_of_epoch(epoch)
-                chosen = order[index * config.batch_size:(index + 1) * config.batch_size]
-                batches.append(collate([data.train[i] for i in chosen], pad_id))
+            batches = step_batches(data.train, schedule, config, step, order_of_epoch, pad_id)
             step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
             loss = 0.0
             try:
