@@ -13,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from l1ra_lite.events import module_type
+from l1ra_lite.module_paths import module_type
 from l1ra_lite.l1ra.layer import L1RALinear
 
 
@@ -63,8 +64,11 @@ def save_peft_adapter(
         base_model_name_or_path=base_model,
     )
     config.save_pretrained(str(out_dir))
-    save_file(peft_tensors(adapters, lora_alpha), str(out_dir / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    try:
+        save_file(peft_tensors(adapters, lora_alpha), str(out_dir / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    except SafetensorError as err:  # safetensors reports a full disk this way
+        raise OSError(str(err)) from None
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir

@@ -32,6 +32,7 @@ from l1ra_lite.errors import UserError
 LATEST = "latest"
 PREFIX = "checkpoint-"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "extra.safetensors")
+REQUIRED_STATE = ("step", "skipped_steps", "rank_state", "fingerprint")
 
 
 @dataclass
@@ -105,7 +106,10 @@ def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int)
             "extra.safetensors": {k: v.contiguous().cpu() for k, v in checkpoint.extra.items()},
         }
         for name, tensors in contents.items():
-            save_file(tensors, str(tmp / name))
+            try:
+                save_file(tensors, str(tmp / name))
+            except SafetensorError as err:  # safetensors reports a full disk this way
+                raise OSError(str(err)) from None
         (tmp / "state.json").write_text(json.dumps({**checkpoint.state, "optimizer": opt_meta}, indent=1))
         files = TENSOR_FILES + ("state.json",)
         for name in files:
@@ -124,10 +128,14 @@ def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int)
 
 
 def _remove_old(run_dir: Path, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep` (never the latest)."""
+    """Delete the oldest complete checkpoints beyond `keep` (never the latest). Each is
+    renamed to a hidden name first, so a kill during the deletion cannot leave a
+    half-deleted folder that still looks complete."""
     steps = sorted(step for step, _ in list_checkpoints(run_dir))
     for step in steps[:-keep]:
-        shutil.rmtree(run_dir / f"{PREFIX}{step}", ignore_errors=True)
+        doomed = run_dir / f".{PREFIX}{step}.old-{os.getpid()}"
+        os.replace(run_dir / f"{PREFIX}{step}", doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -168,14 +176,17 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for name in TENSOR_FILES + ("state.json",):
         entry = files.get(name) if isinstance(files, dict) else None
         file = path / name
-        if entry is None or not file.is_file():
+        if not isinstance(entry, dict) or not file.is_file():
             raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
-        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry.get("bytes") or _sha256(file) != entry.get("sha256"):
             raise UserError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     try:
         tensors = {name: load_file(str(path / name)) for name in TENSOR_FILES}
         state = json.loads((path / "state.json").read_text())
-    except (SafetensorError, ValueError, OSError) as err:
-        raise UserError(f"checkpoint {path} cannot be read: {err}") from None
-    optimizer = _optimizer_from_files(tensors["optimizer.safetensors"], state.pop("optimizer"))
+        optimizer = _optimizer_from_files(tensors["optimizer.safetensors"], state.pop("optimizer"))
+    except (SafetensorError, ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}") from None
+    missing = [key for key in REQUIRED_STATE if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is not an l1ra-lite checkpoint (state.json lacks {', '.join(missing)})")
     return Checkpoint(tensors["trainable.safetensors"], optimizer, tensors["extra.safetensors"], state)

@@ -134,6 +134,13 @@ def validate(config: FinetuneConfig) -> None:
     for key in positive:
         if not getattr(config, key) > 0:
             raise UserError(f"{key.replace('_', '-')} must be positive (got {getattr(config, key)})")
+    non_negative = ("weight_decay", "max_grad_norm", "eval_max_rows", "warmup", "update_every",
+                    "eval_every", "save_every")
+    for key in non_negative:
+        if getattr(config, key) < 0:
+            raise UserError(f"{key.replace('_', '-')} cannot be negative (got {getattr(config, key)})")
+    if not config.l1_kappa > 0 or (config.l1_lambda != "auto" and not config.l1_lambda > 0):
+        raise UserError(f"l1-lambda and l1-kappa must be positive (got {config.l1_lambda}, {config.l1_kappa})")
     if config.max_steps is not None and config.max_steps <= 0:
         raise UserError(f"max-steps must be positive (got {config.max_steps})")
     if config.budget is not None and config.budget <= 0:

@@ -37,9 +37,8 @@ from l1ra_lite.events import (
     RunFinished,
     RunStarted,
     StepLogged,
-    layer_index,
-    module_type,
 )
+from l1ra_lite.module_paths import layer_index, module_type
 
 REFRESH_PER_SECOND = 4  # redraws of the live screen; the training loop never waits on them
 LOSS_WINDOW = 40  # losses kept for the sparkline

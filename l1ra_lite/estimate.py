@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from l1ra_lite.aliases import ALIASES, DEFAULT_MODEL, hub_id, looks_like_alias
 from l1ra_lite.errors import UserError
-from l1ra_lite.events import layer_index
+from l1ra_lite.module_paths import layer_index
 
 if TYPE_CHECKING:  # heavy imports only where used
     from l1ra_lite.config import FinetuneConfig

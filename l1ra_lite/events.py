@@ -88,17 +88,3 @@ class RunFinished:
 
 Event = Union[RunStarted, StepLogged, Reallocated, Evaluated, CheckpointSaved, RunFinished]
 Reporter = Callable[[Event], None]
-
-
-def module_type(path: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'q_proj'."""
-    return path.rsplit(".", 1)[-1]
-
-
-def layer_index(path: str) -> Optional[int]:
-    """'model.layers.3.self_attn.q_proj' -> 3 (the number after 'layers'/'h'/'blocks')."""
-    parts = path.split(".")
-    for name, nxt in zip(parts, parts[1:]):
-        if name in ("layers", "h", "blocks", "layer") and nxt.isdigit():
-            return int(nxt)
-    return None

@@ -85,7 +85,7 @@ class OutOfMemory(Exception):
 class Schedule:
     total_steps: int
     steps_per_epoch: int
-    micro_per_epoch: int  # micro-batches in one pass over the training examples
+    examples_per_step: int  # batch_size x grad_accum
     warmup_steps: int
     update_every: int  # 0: no reallocation
     eval_every: int  # 0: only at the end
@@ -110,13 +110,12 @@ class Schedule:
 
 
 def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
-    micro_per_epoch = math.ceil(n_train_examples / config.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.grad_accum))
-    total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+    per_step = config.batch_size * config.grad_accum
+    total = config.max_steps or max(1, math.ceil(config.epochs * n_train_examples / per_step))
     return Schedule(
         total_steps=total,
-        steps_per_epoch=steps_per_epoch,
-        micro_per_epoch=micro_per_epoch,
+        steps_per_epoch=max(1, math.ceil(n_train_examples / per_step)),
+        examples_per_step=per_step,
         warmup_steps=steps_from(config.warmup, total),
         update_every=steps_from(config.update_every, total) if config.method == "l1ra" else 0,
         eval_every=steps_from(config.eval_every, total),
@@ -240,6 +239,28 @@ def _forward_backward(model, batch, weight: float, autocast: dict) -> float:
     return loss.item() * weight
 
 
+def _optimizer_step(trainable: Trainable, batches: list[dict], lr: float, max_grad_norm: float,
+                    device: str, autocast: dict, step_number: int) -> tuple[Optional[float], float]:
+    """Forward/backward over the micro-batches, clip, step. Each micro-batch's loss is
+    weighted by its share of the step's answer tokens, so accumulation equals one big
+    batch. Returns (loss, grad norm); loss is None when the loss or the gradients were
+    not finite, and then nothing was updated."""
+    step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
+    loss = 0.0
+    for batch in batches:
+        weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
+        loss += _forward_backward(trainable.model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_grad_norm or float("inf")))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        set_lr(trainable.optimizer, lr)
+        trainable.optimizer.step()
+        if trainable.method == "adalora":  # peft: after the step, before zeroing the gradients
+            trainable.model.base_model.update_and_allocate(step_number)
+    trainable.optimizer.zero_grad(set_to_none=True)
+    return (loss if finite else None), grad_norm
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: str, autocast: dict) -> float:
     """Token-weighted mean loss over the held-out examples."""
@@ -302,7 +323,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _save_adapter(trainable: Trainable, run_dir: Path, source: ModelSource, config: FinetuneConfig,
@@ -318,27 +341,47 @@ def _save_adapter(trainable: Trainable, run_dir: Path, source: ModelSource, conf
     else:
         trainable.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # move the old one aside first: there is always a complete adapter/
+        old = run_dir / f".adapter.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     return final
 
 
-def checkpoint_of(trainable: Trainable, step: int, skipped: int, fingerprint: dict, device: str,
-                  grad_accum: int) -> ckpt.Checkpoint:
-    """Everything needed to continue exactly from after `step`."""
-    extra = {"rng.torch_cpu": torch.get_rng_state()}
+def rng_states(device: str) -> dict[str, torch.Tensor]:
+    states = {"rng.torch_cpu": torch.get_rng_state()}
     if device.startswith("cuda"):
-        extra["rng.cuda"] = torch.cuda.get_rng_state()
+        states["rng.cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+@dataclass
+class Progress:
+    """Where the loop is; checkpointed with the tensors."""
+
+    step: int = 0
+    skipped: int = 0  # steps dropped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
+
+
+def checkpoint_of(trainable: Trainable, progress: Progress, fingerprint: dict, examples_per_step: int,
+                  rng: dict[str, torch.Tensor]) -> ckpt.Checkpoint:
+    """Everything needed to continue exactly from after `progress.step`."""
+    extra = dict(rng)
+    state = {"step": progress.step, "skipped_steps": progress.skipped, "bad_in_a_row": progress.bad_in_a_row,
+             "examples_seen": progress.step * examples_per_step,
+             "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
     if trainable.method == "adalora":
         extra.update(adalora_allocator_state(trainable.model))
-    state = {"step": step, "micro_batches": step * grad_accum, "skipped_steps": skipped,
-             "rank_state": trainable.rank_state.to_json(), "fingerprint": fingerprint}
+        state["adalora_rank_pattern"] = trainable.model.peft_config["default"].rank_pattern
     return ckpt.Checkpoint(trainable.named_trainable(), trainable.optimizer.state_dict(), extra, state)
 
 
-def restore(trainable: Trainable, checkpoint: ckpt.Checkpoint, device: str) -> tuple[int, int]:
-    """Load a checkpoint into adapters whose ranks already match it; (step, skipped)."""
+def restore(trainable: Trainable, checkpoint: ckpt.Checkpoint, device: str) -> Progress:
+    """Load a checkpoint into adapters whose ranks already match it."""
     with torch.no_grad():
         for name, param in trainable.named_trainable().items():
             param.copy_(checkpoint.trainable[name])
@@ -346,22 +389,24 @@ def restore(trainable: Trainable, checkpoint: ckpt.Checkpoint, device: str) -> t
     trainable.rank_state = RankState.from_json(checkpoint.state["rank_state"])
     if trainable.method == "adalora":
         load_adalora_allocator_state(trainable.model, checkpoint.extra)
+        trainable.model.peft_config["default"].rank_pattern = checkpoint.state.get("adalora_rank_pattern")
     torch.set_rng_state(checkpoint.extra["rng.torch_cpu"])
     if device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
         torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
-    return checkpoint.state["step"], checkpoint.state["skipped_steps"]
+    state = checkpoint.state
+    return Progress(state["step"], state["skipped_steps"], state.get("bad_in_a_row", 0))
 
 
-def step_batches(train_examples: list[dict], schedule: Schedule, config: FinetuneConfig, step: int,
+def step_batches(train_examples: list[dict], config: FinetuneConfig, step: int,
                  order_of_epoch: Callable[[int], list[int]], pad_id: int) -> list[dict]:
-    """The micro-batches of optimiser step `step`: a pure function of the step, so a
-    resumed run reads exactly the data the uninterrupted one would have."""
-    batches = []
-    for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
-        epoch, index = divmod(micro, schedule.micro_per_epoch)
-        chosen = order_of_epoch(epoch)[index * config.batch_size:(index + 1) * config.batch_size]
-        batches.append(collate([train_examples[i] for i in chosen], pad_id))
-    return batches
+    """The micro-batches of optimiser step `step`. Step s reads positions
+    [s E, (s+1) E) of the concatenated per-epoch shuffles (E examples per step): a pure
+    function of the step, so a resumed run reads exactly what the uninterrupted one
+    would have, also when it splits E into other micro-batches."""
+    n, per_step = len(train_examples), config.batch_size * config.grad_accum
+    chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
+    return [collate([train_examples[i] for i in chosen[k:k + config.batch_size]], pad_id)
+            for k in range(0, per_step, config.batch_size)]
 
 
 # ------------------------------------------------------------------ the loop
@@ -410,13 +455,14 @@ def train(
     model.train()
     fingerprint = _fingerprint(config, source, trainable)
 
-    step, skipped, bad_in_a_row = 0, 0, 0
-    saved_steps: list[int] = []
+    progress = Progress()
+    saved_step: Optional[int] = None  # the newest checkpoint on disk
     if checkpoint is not None:
         _check_fingerprint(checkpoint.state["fingerprint"], fingerprint, checkpoint_path)
-        step, skipped = restore(trainable, checkpoint, device)
-        saved_steps.append(step)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        progress = restore(trainable, checkpoint, device)
+        saved_step = progress.step
+        del checkpoint  # torch's load_state_dict may alias its tensors: let them go
+        _truncate_metrics(run_dir / "metrics.jsonl", progress.step)
         # Keep config.json in step with what may change on resume (e.g. the batch split).
         saved_config = json.loads((run_dir / "config.json").read_text())
         write_run_config(run_dir, config, {k: v for k, v in saved_config.items() if k not in config.to_dict()})
@@ -434,15 +480,17 @@ def train(
             "version": __version__,
         })
 
-    def save(at_step: int) -> None:
-        snapshot = checkpoint_of(trainable, at_step, skipped, fingerprint, device, config.grad_accum)
+    def save(rng: Optional[dict] = None) -> None:
+        nonlocal saved_step
+        snapshot = checkpoint_of(trainable, progress, fingerprint, schedule.examples_per_step,
+                                 rng if rng is not None else rng_states(device))
         try:
-            path = ckpt.save_checkpoint(run_dir, at_step, snapshot, config.keep_checkpoints)
+            path = ckpt.save_checkpoint(run_dir, progress.step, snapshot, config.keep_checkpoints)
         except OSError as err:
-            raise UserError(f"cannot write the checkpoint of step {at_step} in {run_dir}: "
+            raise UserError(f"cannot write the checkpoint of step {progress.step} in {run_dir}: "
                             f"{err.strerror or err}; the previous checkpoint is intact") from None
-        saved_steps.append(at_step)
-        report(CheckpointSaved(at_step, str(path)))
+        saved_step = progress.step
+        report(CheckpointSaved(progress.step, str(path)))
 
     def write_ranks() -> None:
         ckpt.write_json_atomic(run_dir / "ranks.json", trainable.rank_state.to_json())
@@ -452,50 +500,46 @@ def train(
         model=source.name, method=config.method, output_dir=str(run_dir), total_steps=schedule.total_steps,
         steps_per_epoch=schedule.steps_per_epoch, budget=trainable.rank_state.budget,
         ranks=dict(trainable.rank_state.ranks), update_every=schedule.update_every,
-        first_update=schedule.first_update, device=device, start_step=step,
+        first_update=schedule.first_update, device=device, start_step=progress.step,
     ))
 
     pad_id = tokenizer.pad_token_id
     order_of_epoch = functools.lru_cache(maxsize=2)(lambda epoch: epoch_order(len(data.train), config.seed, epoch))
-    params = trainable.parameters()
     started = time.perf_counter()
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     try:
-        while step < schedule.total_steps:
+        while progress.step < schedule.total_steps:
             step_start = time.perf_counter()
-            batches = step_batches(data.train, schedule, config, step, order_of_epoch, pad_id)
-            step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
-            loss = 0.0
+            rng_before = rng_states(device)  # an OOM checkpoint must resume from before this step
+            batches = step_batches(data.train, config, progress.step, order_of_epoch, pad_id)
+            lr = lr_at(progress.step, schedule, config.lr)
+            out_of_memory = False
             try:
-                for batch in batches:
-                    weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
-                    loss += _forward_backward(model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
+                loss, grad_norm = _optimizer_step(trainable, batches, lr, config.max_grad_norm, device, autocast,
+                                                  progress.step + 1)
             except torch.cuda.OutOfMemoryError:
-                # The half-done step is dropped; the state is that of the last full step.
+                out_of_memory = True  # handled outside the except: its traceback holds the graph
+            if out_of_memory:
                 trainable.optimizer.zero_grad(set_to_none=True)
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                if step > 0 and (not saved_steps or saved_steps[-1] != step):
-                    save(step)
-                raise OutOfMemory(step, saved_steps[-1] if saved_steps else None) from None
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-            lr = lr_at(step, schedule, config.lr)
-            step += 1
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                set_lr(trainable.optimizer, lr)
-                trainable.optimizer.step()
-                if config.method == "adalora":
-                    model.base_model.update_and_allocate(step)
-                bad_in_a_row = 0
-            else:  # never let a NaN reach the weights, gates or ranks
-                skipped += 1
-                bad_in_a_row += 1
-            trainable.optimizer.zero_grad(set_to_none=True)
-            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                raise Diverged(
-                    f"loss or gradients were not finite for {bad_in_a_row} steps in a row (step {step}); "
-                    f"stopped. Lower --lr (now {config.lr:g}) or check the data; the last good checkpoint is kept"
-                )
+                if progress.step > 0 and saved_step != progress.step:
+                    save(rng_before)
+                raise OutOfMemory(progress.step, saved_step)
+            progress.step += 1
+            step = progress.step
+            if loss is None:  # not finite: nothing reached the weights, gates or ranks
+                progress.skipped += 1
+                progress.bad_in_a_row += 1
+                if progress.bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                    raise Diverged(
+                        f"loss or gradients were not finite for {progress.bad_in_a_row} steps in a row "
+                        f"(step {step}); stopped. Lower --lr (now {config.lr:g}) or check the data; "
+                        "the last good checkpoint is kept")
+            else:
+                progress.bad_in_a_row = 0
+            if config.method == "adalora":
+                trainable.rank_state.ranks = trainable.current_ranks()
 
             realloc_s = None
             if config.method == "l1ra" and schedule.reallocates_at(step):
@@ -507,39 +551,38 @@ def train(
                 write_ranks()
                 report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
                                    schedule.next_update(step), realloc_s))
-            elif config.method == "adalora":
-                trainable.rank_state.ranks = trainable.current_ranks()
 
             now = time.perf_counter()
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             memory = memory_stats(device)
             adapter_bytes = trainable_state_bytes(trainable)
-            line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            shown_loss = float("nan") if loss is None else loss
+            line = {"step": step, "loss": shown_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tokens / (now - step_start), "step_s": now - step_start,
                     "mem_bytes": memory.allocated or memory.rss, "adapter_bytes": adapter_bytes,
                     "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
             if realloc_s is not None:
                 line["realloc_s"] = realloc_s
             is_last = step == schedule.total_steps
-            if is_last or (schedule.eval_every and step % schedule.eval_every == 0):
-                if data.eval:
-                    eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
-                    line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                    report(Evaluated(step, eval_loss, line["eval_ppl"]))
+            if data.eval and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
+                eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
+                line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                report(Evaluated(step, eval_loss, line["eval_ppl"]))
             if step % config.log_every == 0 or is_last or "eval_loss" in line:
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
                 report(StepLogged(
                     step=step, total_steps=schedule.total_steps, epoch=step / schedule.steps_per_epoch,
-                    loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=line["tokens_per_s"],
+                    loss=shown_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=line["tokens_per_s"],
                     elapsed_s=now - started, memory=memory, adapter_bytes=adapter_bytes,
-                    rank_total=trainable.rank_state.total, skipped_steps=skipped,
+                    rank_total=trainable.rank_state.total, skipped_steps=progress.skipped,
                 ))
             stop = should_stop() and not is_last
             # No periodic checkpoint right after a skipped (non-finite) step: the newest
             # checkpoints stay those of good steps.
-            if stop or is_last or (schedule.save_every and step % schedule.save_every == 0 and not bad_in_a_row):
-                save(step)
+            periodic = schedule.save_every and step % schedule.save_every == 0 and not progress.bad_in_a_row
+            if stop or is_last or periodic:
+                save()
             if stop:
                 raise Interrupted(step, run_dir)
     finally:
@@ -547,5 +590,5 @@ def train(
 
     write_ranks()
     adapter_dir = _save_adapter(trainable, run_dir, source, config, tokenizer, all_linear)
-    report(RunFinished(step, str(run_dir), str(adapter_dir)))
+    report(RunFinished(progress.step, str(run_dir), str(adapter_dir)))
     return adapter_dir

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from l1ra_lite import checkpoint as ckpt
 from l1ra_lite import train as train_module
@@ -67,33 +68,42 @@ def wait_for_line(child, needle, timeout=120):
 # ---------------------------------------------------------------- signals
 
 
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(workdir):
-    out = workdir / "sigint"
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(workdir, signum, code):
+    out = workdir / f"signal-{signum}"
     child = start_child(finetune_args(workdir, out, 400))
     wait_for_line(child, "step 2/400")
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130
+    assert child.returncode == code
     assert f"--resume {out}" in err
     stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"]
     assert stopped >= 2
-
-    # A resumed run keeps its settings (the SIGKILL test below resumes one to the end).
-    assert main(["finetune", "--resume", str(out), "--max-steps", "401"]) == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, stopped + 1))
+    # A resumed run keeps its settings (the SIGKILL test below resumes one to the end).
+    assert main(["finetune", "--resume", str(out), "--max-steps", "401"]) == 2
 
 
-def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_stays_good(workdir):
+def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_stays_good(workdir, monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    import l1ra_lite.dashboard as dashboard
+
+    @contextmanager
+    def display(plain, console=None):
+        def report(event):
+            if type(event).__name__ == "CheckpointSaved" and event.step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, checkpoint
+                os.kill(os.getpid(), signal.SIGINT)  # the second, before that: quit at once
+        yield report
+
+    monkeypatch.setattr(dashboard, "open_display", display)
     out = workdir / "sigint2"
-    child = start_child(finetune_args(workdir, out, 400))
-    wait_for_line(child, "checkpoint step 2")
-    child.send_signal(signal.SIGINT)
-    child.send_signal(signal.SIGINT)
-    child.communicate(timeout=60)
-    assert child.returncode == 130
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state  # verifies checksums too
-    assert state["step"] >= 2
+    assert main([str(a) for a in finetune_args(workdir, out, 400)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the last complete checkpoint" in err and "stopped at step" not in err
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] == 2  # checksums verified
     assert not list(out.glob(".checkpoint-*"))  # no half-written folder left behind
 
 
@@ -106,8 +116,8 @@ KILL_WRITER = textwrap.dedent("""
     step = ckpt.list_checkpoints(run)[-1][0] if ckpt.list_checkpoints(run) else 0
     while True:
         step += 1
-        ckpt.save_checkpoint(run, step, ckpt.Checkpoint(big, {"state": {}, "param_groups": []}, big,
-                                                        {"step": step}), keep=2)
+        state = {"step": step, "skipped_steps": 0, "rank_state": {}, "fingerprint": {}}
+        ckpt.save_checkpoint(run, step, ckpt.Checkpoint(big, {"state": {}, "param_groups": []}, big, state), keep=2)
         print(step, flush=True)
 """)
 
@@ -175,6 +185,34 @@ def test_a_nan_step_is_skipped_and_counted_and_never_reaches_the_gates(workdir, 
     assert all(torch.isfinite(t).all() for t in before.trainable.values())
 
 
+def test_a_non_finite_step_changes_nothing(workdir):
+    from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters
+    from l1ra_lite.train import Trainable, _optimizer_step
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(0)
+    adapters = inject_adapters(model, budget=14)
+    trainable = Trainable("l1ra", model, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), adapters, 1.0)
+    x = torch.randint(0, 100, (2, 8))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
+    assert _optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1)[0] is not None
+    before = {n: p.detach().clone() for n, p in trainable.named_trainable().items()}
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainable.optimizer.state.items()}
+    poisoned = {**batch, "input_ids": x}
+    real = train_module._forward_backward
+    try:
+        train_module._forward_backward = lambda m, b, w, a: real(m, b, w * float("nan"), a)
+        loss, _ = _optimizer_step(trainable, [poisoned], 1e-2, 1.0, "cpu", autocast, 2)
+    finally:
+        train_module._forward_backward = real
+    assert loss is None
+    for name, param in trainable.named_trainable().items():
+        assert torch.equal(param, before[name]) and param.grad is None
+    for p, s in trainable.optimizer.state.items():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in s.items())
+
+
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(workdir, monkeypatch):
     monkeypatch.setattr(train_module, "_forward_backward", nan_at(set(range(3, 100))))
     run_dir = workdir / "nan-always"
@@ -219,14 +257,14 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, monkeypat
 
     def full_disk(tensors, path, *a, **k):
         calls["n"] += 1
-        if calls["n"] > 3:  # the second checkpoint's first file
-            raise OSError(28, "No space left on device")
+        if calls["n"] > 3:  # the second checkpoint's first file; safetensors' own error type
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path, *a, **k)
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
     run_dir = workdir / "disk-full"
     run_dir.mkdir()
-    with pytest.raises(UserError, match="No space left on device; the previous checkpoint is intact"):
+    with pytest.raises(UserError, match="No space left on device .*; the previous checkpoint is intact"):
         train(config(workdir), run_dir, lambda e: None, device="cpu")
     assert ckpt.latest_checkpoint(run_dir).name == "checkpoint-1"
     ckpt.load_checkpoint(run_dir / "checkpoint-1")

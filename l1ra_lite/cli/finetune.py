@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from l1ra_lite.errors import UserError
 
@@ -95,28 +95,29 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def resumed_config(run_dir: Path, overrides: dict[str, Any]):
     """The run's saved settings; flags may only change what does not alter the training."""
+    import dataclasses
+
     from l1ra_lite.config import FIELD_NAMES, FinetuneConfig, validate
 
     try:
         saved = json.loads((run_dir / "config.json").read_text())
+        config = FinetuneConfig(**{k: v for k, v in saved.items() if k in FIELD_NAMES})
     except FileNotFoundError:
         raise UserError(f"{run_dir} is not a run folder (no config.json): nothing to resume") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read {run_dir / 'config.json'}: {err}") from None
-    config = FinetuneConfig(**{k: v for k, v in saved.items() if k in FIELD_NAMES})
-    examples_per_step = config.batch_size * config.grad_accum
-    for key, value in overrides.items():
-        if key in CHANGEABLE_ON_RESUME:
-            setattr(config, key, value)
-        elif value != getattr(config, key) and not (key == "target_modules" and
-                                                    value.split(",") == getattr(config, key)):
+    validate(config)
+    # Compare like with like: the flags go through the same normalisation as the saved values.
+    asked = dataclasses.replace(config, **overrides)
+    validate(asked)
+    for key in overrides:
+        if key not in CHANGEABLE_ON_RESUME and getattr(asked, key) != getattr(config, key):
             raise UserError(f"--{key.replace('_', '-')} differs from the run being resumed "
                             f"({getattr(config, key)!r}); a resumed run keeps its settings")
-    if config.batch_size * config.grad_accum != examples_per_step:
-        raise UserError(f"on resume, --batch-size x --grad-accum must stay {examples_per_step} "
-                        f"(got {config.batch_size} x {config.grad_accum})")
-    validate(config)
-    return config
+    if asked.batch_size * asked.grad_accum != config.batch_size * config.grad_accum:
+        raise UserError(f"on resume, --batch-size x --grad-accum must stay "
+                        f"{config.batch_size * config.grad_accum} (got {asked.batch_size} x {asked.grad_accum})")
+    return asked
 
 
 def prepare_output(config, overwrite: bool) -> Path:
@@ -146,7 +147,7 @@ class StopOnSignal:
     (checkpoints are written aside and renamed, so the last good one survives)."""
 
     def __init__(self):
-        self.requested = False
+        self.signal: Optional[int] = None
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -157,14 +158,18 @@ class StopOnSignal:
             signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.signal is not None:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signum
         print("\nl1ra-lite: stopping after this step and writing a checkpoint "
               "(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
 
     def __call__(self) -> bool:
-        return self.requested
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGINT)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = overrides_from(args)
     if args.resume:
-        if args.overwrite:
-            raise UserError("--resume and --overwrite cannot be used together")
+        if args.overwrite or args.recipe:
+            raise UserError("--resume continues a run with its own settings: drop --overwrite / --recipe")
         run_dir = Path(args.resume)
         config = resumed_config(run_dir, overrides)
     else:
@@ -192,11 +197,16 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as err:
         print(f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
               file=sys.stderr)
-        return 130
+        return stop.exit_code
     except KeyboardInterrupt:
-        print(f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
-              f"l1ra-lite finetune --resume {run_dir}", file=sys.stderr)
-        return 130
+        from l1ra_lite.checkpoint import list_checkpoints
+
+        if list_checkpoints(run_dir):
+            print(f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
+                  f"l1ra-lite finetune --resume {run_dir}", file=sys.stderr)
+        else:
+            print("l1ra-lite: interrupted before the first checkpoint; start again to train", file=sys.stderr)
+        return stop.exit_code
     except OutOfMemory as err:
         raise UserError(out_of_memory_advice(config, err, run_dir)) from None
     except OSError as err:  # disk full, folder not writable: say so, keep the traceback out

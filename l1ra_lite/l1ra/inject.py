@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.events import layer_index
+from l1ra_lite.module_paths import layer_index
 from l1ra_lite.l1ra.layer import L1RALinear
 
 

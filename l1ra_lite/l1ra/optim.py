@@ -11,8 +11,8 @@ a fresh rank rather than that of a 500-step-old one. torch's Adam keeps one coun
 tensor, which is why we own this step.
 
 It is a torch.optim.Optimizer, so state_dict(), zero_grad() and LR changes through
-param_groups work as usual. The loop sets the LR of the "A" and "B" groups each step;
-the "gate" group keeps eta_c.
+param_groups work as usual. The training loop sets the LR of the "A" and "B" groups
+each step; the "gate" group keeps eta_c.
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ class L1RAOptimizer(torch.optim.Optimizer):
     def gate_group(self) -> dict:
         return next(g for g in self.param_groups if g["kind"] == "gate")
 
-    def set_lr(self, lr: float) -> None:
-        """The scheduled LR, for A and B only (the gates keep their constant eta_c)."""
-        for group in self.param_groups:
-            if group["kind"] != "gate":
-                group["lr"] = lr
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch moves loaded moments to each parameter's device but leaves "step" where it
+        was (it expects a CPU scalar); ours is a per-rank vector used with the moments, so
+        it must follow them (a checkpoint is read on the CPU, the run may be on CUDA)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):

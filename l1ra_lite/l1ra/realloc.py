@@ -46,15 +46,17 @@ def resize_adapter(
     }
     for kind, param in (("A", adapter.lora_A), ("B", adapter.lora_B), ("gate", adapter.gate)):
         dim = RANK_DIM[kind]
+        old_shape = param.shape
         param.data = torch.cat([param.data.index_select(dim, index), fills[kind].to(param.dtype)], dim)
         if param.grad is not None:
             param.grad = _resized(param.grad, dim, index, n_new)
         if optimizer is not None and param in optimizer.state:
             state = optimizer.state[param]
             for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    # Moments have the parameter's shape; per-rank step counts are 1-d.
-                    state[key] = _resized(value, dim if value.dim() == param.dim() else 0, index, n_new)
+                if key == "step" and value.dim() == 1:  # per-rank step counts
+                    state[key] = _resized(value, 0, index, n_new)
+                elif torch.is_tensor(value) and value.shape == old_shape:  # the moments
+                    state[key] = _resized(value, dim, index, n_new)
 
 
 def _resized(t: torch.Tensor, dim: int, index: torch.Tensor, n_new: int) -> torch.Tensor:

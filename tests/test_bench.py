@@ -1,0 +1,256 @@
+"""The benchmark's own arithmetic and plumbing (bench/): medians, ratios, targets, the
+per-child peak memory, recipe selection, and the GPU script's code path on a tiny CPU
+model. No timing is asserted."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
+
+from bench import gpu_bench, run  # noqa: E402
+from bench.summary import (  # noqa: E402
+    check_targets,
+    compare,
+    method_figures,
+    ranks_by_type,
+    read_final_ranks,
+    read_metrics,
+    results_document,
+)
+
+RANKS = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.up_proj": 5,
+         "model.layers.1.self_attn.q_proj": 2, "model.layers.1.mlp.up_proj": 6}
+
+
+def metrics(step_times, realloc=None, adapter_bytes=1000, evals=None, peak=None):
+    """Fixture metric lines: step i (1-based) took step_times[i-1] seconds."""
+    lines = []
+    for i, s in enumerate(step_times, start=1):
+        line = {"step": i, "loss": 1.0, "lr": 1e-4, "step_s": s, "tokens_per_s": 100 / s,
+                "mem_bytes": 1000 + i, "adapter_bytes": adapter_bytes + i, "rank_total": 16}
+        if realloc and i in realloc:
+            line["realloc_s"] = realloc[i]
+        if evals and i in evals:
+            line["eval_loss"] = evals[i]
+            line["eval_ppl"] = 2.718 ** evals[i]
+        if peak:
+            line["peak_bytes"] = peak + i
+        lines.append(line)
+    return lines
+
+
+def test_medians_leave_out_warmup_and_the_reallocations_own_time():
+    # steps 1-2 are warm-up (slow); steps 4 and 6 reallocated (their step_s includes it)
+    lines = metrics([9.0, 5.0, 1.0, 1.5, 2.0, 1.6, 3.0], realloc={4: 0.5, 6: 0.1}, evals={7: 1.25})
+    f = method_figures("l1ra", lines, RANKS, child_peak_bytes=4096, warmup_steps=2, wall_s=12.0)
+    assert f.timed_steps == 5  # steps 3-7
+    assert f.step_times == pytest.approx({3: 1.0, 4: 1.0, 5: 2.0, 6: 1.5, 7: 3.0})
+    assert f.median_step_s == pytest.approx(1.5)
+    assert f.mean_step_s == pytest.approx((1.0 + 1.5 + 2.0 + 1.6 + 3.0) / 5)  # reallocations included
+    assert f.median_tokens_per_s == pytest.approx(62.5)  # median of 100, 66.7, 50, 62.5, 33.3
+    assert f.reallocations == 2
+    assert f.median_realloc_s == pytest.approx(0.3)
+    assert f.realloc_fraction == pytest.approx(0.2)
+    assert f.trainable_state_bytes == 1007  # the last line
+    assert (f.peak_bytes, f.peak_source) == (4096, "child_rusage")
+    assert f.train_mem_max_bytes == 1007
+    assert (f.eval_loss, f.eval_curve) == (1.25, [(7, 1.25)])
+    assert f.rank_total == 16
+    assert f.ranks_by_type == {"q_proj": 5, "up_proj": 11}
+
+
+def test_cuda_peak_from_metrics_wins_over_the_process_rss():
+    f = method_figures("lora", metrics([1, 1, 1, 1], peak=10_000), RANKS, child_peak_bytes=5)
+    assert (f.peak_bytes, f.peak_source) == (10_004, "metrics_peak_bytes")
+    assert f.median_realloc_s is None and f.realloc_fraction is None
+
+
+def test_step_cpu_time_when_the_loop_logs_it():
+    lines = metrics([5, 5, 2.0, 3.0, 2.5])
+    for line, cpu in zip(lines, [4, 4, 1.0, 1.2, 1.1]):
+        line["step_cpu_s"] = cpu
+    lora = method_figures("lora", lines, RANKS, process_cpu_s=100.0)
+    assert lora.median_step_cpu_s == pytest.approx(1.1)
+    for line in lines:
+        line["step_cpu_s"] *= 1.1
+    l1ra = method_figures("l1ra", lines, RANKS, process_cpu_s=103.0)
+    r = compare({"lora": lora, "l1ra": l1ra})
+    assert r["step_cpu_time_l1ra_over_lora"] == pytest.approx(1.1)
+    assert r["process_cpu_time_l1ra_over_lora"] == pytest.approx(1.03)
+    assert method_figures("lora", metrics([1, 1, 1]), RANKS).median_step_cpu_s is None
+
+
+def test_a_run_too_short_for_the_warmup_is_refused():
+    with pytest.raises(ValueError, match="no step after"):
+        method_figures("lora", metrics([1.0, 1.0]), RANKS, warmup_steps=2)
+
+
+def test_step_time_ratio_is_paired_by_step():
+    """Same batches, different lengths: the paired ratio is the per-step factor, and one
+    step disturbed by another job does not move it."""
+    batch_cost = [3, 3, 1.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0]
+    lora = method_figures("lora", metrics(batch_cost), RANKS)
+    l1ra_times = [1.02 * t for t in batch_cost]
+    l1ra_times[5] *= 10  # a hiccup on step 6
+    l1ra = method_figures("l1ra", metrics(l1ra_times), RANKS)
+    r = compare({"lora": lora, "l1ra": l1ra})
+    assert r["step_time_l1ra_over_lora"] == pytest.approx(1.02)
+    assert r["median_step_l1ra_over_lora"] == pytest.approx(1.02)
+    shorter = method_figures("l1ra", metrics(l1ra_times[:5]), RANKS)  # only steps 3-5 in common
+    assert compare({"lora": lora, "l1ra": shorter})["step_time_l1ra_over_lora"] == pytest.approx(1.02)
+
+
+def test_ratios_and_targets():
+    lora = method_figures("lora", metrics([5, 5, 2.0, 2.0, 2.0], adapter_bytes=1000, evals={5: 1.50}),
+                          RANKS, child_peak_bytes=1000)
+    l1ra = method_figures("l1ra", metrics([5, 5, 2.1, 0.9 + 2.1, 2.1], realloc={4: 0.9}, adapter_bytes=1200,
+                                          evals={5: 1.40}), RANKS, child_peak_bytes=1010)
+    adalora = method_figures("adalora", metrics([5, 5, 3.0, 3.0, 3.0], adapter_bytes=2000, evals={5: 1.6}),
+                             RANKS, child_peak_bytes=1100)
+    r = compare({"lora": lora, "l1ra": l1ra, "adalora": adalora})
+    assert r["step_time_l1ra_over_lora"] == pytest.approx(1.05)
+    assert r["step_time_adalora_over_lora"] == pytest.approx(1.5)
+    assert r["mean_step_time_l1ra_over_lora"] == pytest.approx((2.1 + 3.0 + 2.1) / 3 / 2.0)
+    assert r["realloc_over_step"] == pytest.approx(0.9 / 2.1)
+    assert r["trainable_state_l1ra_over_adalora"] == pytest.approx(1205 / 2005)
+    assert r["trainable_state_l1ra_over_lora"] == pytest.approx(1205 / 1005)
+    assert r["peak_memory_l1ra_over_lora"] == pytest.approx(1.01)
+    assert r["eval_loss_l1ra_minus_lora"] == pytest.approx(-0.10)
+
+    full = check_targets(r, full_run=True)
+    assert full["step_time_l1ra_over_lora"]["met"] is True  # 1.05 <= 1.05
+    assert full["realloc_over_step"]["met"] is True
+    assert full["trainable_state_l1ra_over_adalora"]["met"] is True
+    assert full["peak_memory_l1ra_over_lora"]["met"] is True
+    assert full["eval_loss_l1ra_minus_lora"]["met"] is True
+    assert check_targets(r, full_run=False)["eval_loss_l1ra_minus_lora"]["met"] is None  # quick: not judged
+
+    slow = compare({"lora": lora, "l1ra": method_figures("l1ra", metrics([5, 5, 2.2, 2.2, 2.2]), RANKS)})
+    checks = check_targets(slow, full_run=True)
+    assert checks["step_time_l1ra_over_lora"]["met"] is False
+    assert checks["trainable_state_l1ra_over_adalora"]["met"] is None  # no AdaLoRA run
+
+
+def test_results_document_and_table(tmp_path):
+    figures = {m: method_figures(m, metrics([3, 3, 1.0, 1.0], evals={4: 2.0}), RANKS, child_peak_bytes=2**30)
+               for m in ("lora", "l1ra", "adalora")}
+    settings = {"mode": "quick", "steps": 4, "batch_size": 4, "seq_len": 128, "budget": 16, "n_adapters": 4,
+                "quant": "nf4"}
+    doc = results_document(settings, {"device": "cpu"}, figures, full_run=False)
+    text = json.dumps(doc)  # JSON-ready
+    assert json.loads(text)["ratios"]["step_time_l1ra_over_lora"] == 1.0
+    assert set(doc["methods"]) == {"lora", "l1ra", "adalora"}
+    assert doc["methods"]["l1ra"]["ranks_by_type"] == {"q_proj": 5, "up_proj": 11}
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    console.print(run.render_table(doc))
+    out = console.file.getvalue()
+    assert "L1RA/LoRA, paired 1.000 (<= 1.05) ok" in out
+    assert "rank up_proj" in out and "1,024.0" in out  # peak memory in MiB
+
+
+def test_reading_a_run_folder(tmp_path):
+    lines = metrics([1.0, 2.0])
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n[1]\n")
+    (tmp_path / "ranks.json").write_text(json.dumps({"budget": 16, "ranks": RANKS, "history": []}))
+    assert read_metrics(tmp_path / "metrics.jsonl") == lines
+    assert read_final_ranks(tmp_path / "ranks.json") == RANKS
+    assert ranks_by_type({}) == {}
+
+
+def test_settings_and_commands_differ_only_in_the_method(tmp_path):
+    args = run.parse_args(["--quick"])
+    settings = run.bench_settings(args, n_adapters=210)
+    assert (settings["budget"], settings["steps"], settings["seq_len"]) == (840, 16, 128)
+    cmds = {m: run.finetune_command(m, settings, tmp_path / "x") for m in run.METHODS}
+    i = cmds["lora"].index("--method") + 1
+    for m, cmd in cmds.items():
+        assert cmd[i] == m
+        assert cmd[:i] + cmd[i + 1:] == cmds["lora"][:i] + cmds["lora"][i + 1:]
+    assert "--budget" in cmds["l1ra"] and cmds["l1ra"][cmds["l1ra"].index("--budget") + 1] == "840"
+    with pytest.raises(SystemExit, match="not a multiple"):
+        run.bench_settings(run.parse_args(["--budget", "500"]), n_adapters=210)
+
+
+def test_peak_memory_is_measured_per_child(tmp_path):
+    """Each child's own high-water mark: a small child after a big one reads small."""
+    env = run.child_env(1)
+    big = run.run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                        tmp_path / "big.log", 60, env)
+    small = run.run_child([sys.executable, "-c", "pass"], tmp_path / "small.log", 60, env)
+    assert big.returncode == 0 and small.returncode == 0
+    assert big.peak_rss_bytes > 300 * 2**20
+    assert big.cpu_s > 0 and big.wall_s >= big.cpu_s / 2  # one thread (and a little system time)
+    assert small.peak_rss_bytes < 100 * 2**20
+    failed = run.run_child([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "f.log", 60, env)
+    assert failed.returncode == 3
+
+
+# ---------------------------------------------------------------- bench/gpu_bench.py
+
+
+def write_recipe(folder, name, model, seq_len, batch_size, budget=None):
+    lines = [f'model = "{model}"', f"seq_len = {seq_len}", f"batch_size = {batch_size}"]
+    if budget:
+        lines.append(f"budget = {budget}")
+    (folder / f"{name}.toml").write_text("\n".join(lines) + '\n[meta]\ncard = "x"\n')
+
+
+def test_recipe_selection(tmp_path):
+    write_recipe(tmp_path, "rtx3060-12gb-mistral7b", "mistral-7b", 1024, 1, 448)
+    write_recipe(tmp_path, "rtx4090-24gb-mistral7b", "mistral-7b", 2048, 2)
+    write_recipe(tmp_path, "rtx4060-8gb-mistral7b", "mistral-7b", 512, 1, 224)
+    write_recipe(tmp_path, "rtx3060-12gb-llama", "llama-3.1-8b", 1024, 1)
+    assert gpu_bench.recipe_settings([tmp_path]) == [
+        ("rtx3060-12gb-mistral7b", 1024, 1, 448), ("rtx4090-24gb-mistral7b", 2048, 2, None)]
+    assert gpu_bench.recipe_settings([tmp_path], ["rtx4060-8gb-mistral7b"]) == [
+        ("rtx4060-8gb-mistral7b", 512, 1, 224)]
+    with pytest.raises(SystemExit, match="not found"):
+        gpu_bench.recipe_settings([tmp_path], ["nope"])
+    (tmp_path / "rtx4090-24gb-mistral7b.toml").unlink()  # no 24 GB one: smallest and largest
+    assert [s[0] for s in gpu_bench.recipe_settings([tmp_path])] == [
+        "rtx4060-8gb-mistral7b", "rtx3060-12gb-mistral7b"]
+
+
+def test_gpu_comparison_and_estimate_rows():
+    l1ra = {"tokens_per_s": 1100.0, "trainable_state_bytes": 90, "peak_allocated_bytes": 990,
+            "peak_reserved_bytes": 1200}
+    lora = {"tokens_per_s": 1000.0, "trainable_state_bytes": 100, "peak_allocated_bytes": 1000,
+            "peak_reserved_bytes": 1000}
+    c = gpu_bench.compare(l1ra, lora)
+    assert c["tokens_per_s_l1ra_over_lora"] == pytest.approx(1.1)
+    assert c["peak_l1ra_over_lora"] == pytest.approx(0.99)
+    assert c["peak_reserved_l1ra_over_lora"] == pytest.approx(1.2)
+    assert c["targets"] == {"tokens_per_s_l1ra_over_lora >= 1": True, "peak_l1ra_over_lora <= 1": True}
+    assert gpu_bench.compare(l1ra, {"error": "exit 1"}) == {}
+
+    row = gpu_bench.estimate_row("x", gpu_bench.TINY, 64, 1, 28, None)
+    assert row["budget"] == 28 and row["estimate_total_bytes"] > row["estimate_allocated_bytes"] > 0
+    measured = {"peak_allocated_bytes": int(row["estimate_allocated_bytes"] * 1.1),
+                "peak_reserved_bytes": 100, "context_bytes": 50}
+    row = gpu_bench.estimate_row("x", gpu_bench.TINY, 64, 1, 28, measured)
+    assert row["allocated_over_estimate"] == pytest.approx(1.1, rel=1e-4)
+    assert row["within_tolerance"] is True and row["measured_device_peak_bytes"] == 150
+
+
+def test_gpu_measurement_code_path_on_a_tiny_cpu_model():
+    """What bench/gpu.sh runs on the H200, on a tiny shape: an NF4 model built in place,
+    L1RA with a steered reallocation, stock peft QLoRA on bitsandbytes layers."""
+    pytest.importorskip("bitsandbytes")
+    l1ra = gpu_bench.measure(gpu_bench.Job("l1ra", "l1ra", 32, 1, 28, 3, realloc_at=2), gpu_bench.TINY, "cpu")
+    assert l1ra["layer_type"] == "L1RALinear"
+    assert l1ra["realloc"]["moved"] == 4  # the last rank of k_proj and v_proj in 2 layers
+    assert l1ra["rank_total"] == 28 and l1ra["realloc"]["rank_total"] == 28
+    assert len(l1ra["step_s"]) == 3 and l1ra["tokens_per_s"] > 0 and l1ra["peak_rss_bytes"] > 0
+    assert l1ra["last_loss"] == pytest.approx(5.55, abs=0.2)  # ln(256): random weights
+    lora = gpu_bench.measure(gpu_bench.Job("lora", "lora", 32, 1, 28, 2, realloc_at=0), gpu_bench.TINY, "cpu")
+    assert lora["layer_type"] == "peft.tuners.lora.bnb.Linear4bit"  # peft's QLoRA layer, not its plain one
+    assert lora["realloc"] is None and lora["rank_total"] == 28
+    # Rank moved to the larger MLP matrices, and L1RA keeps gates and per-rank step counts.
+    assert l1ra["trainable_state_bytes"] > lora["trainable_state_bytes"]
