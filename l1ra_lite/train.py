@@ -509,7 +509,7 @@ def train(
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     try:
         while progress.step < schedule.total_steps:
-            step_start = time.perf_counter()
+            step_start, step_cpu_start = time.perf_counter(), time.process_time()
             rng_before = rng_states(device)  # an OOM checkpoint must resume from before this step
             batches = step_batches(data.train, config, progress.step, order_of_epoch, pad_id)
             lr = lr_at(progress.step, schedule, config.lr)
@@ -559,10 +559,13 @@ def train(
             shown_loss = float("nan") if loss is None else loss
             line = {"step": step, "loss": shown_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tokens / (now - step_start), "step_s": now - step_start,
+                    "step_cpu_s": time.process_time() - step_cpu_start,
                     "mem_bytes": memory.allocated or memory.rss, "adapter_bytes": adapter_bytes,
                     "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
             if realloc_s is not None:
                 line["realloc_s"] = realloc_s
+            if memory.device == "cuda":
+                line["peak_bytes"] = memory.peak
             is_last = step == schedule.total_steps
             if data.eval and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
                 eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
