@@ -36,7 +36,7 @@ class MethodFigures:
     reallocations: int
     median_realloc_s: Optional[float]
     trainable_state_bytes: int  # at the end: adapter params + grads + optimiser state (+ AdaLoRA scores)
-    peak_bytes: Optional[int]  # peak RSS of the process (CPU) or max_memory_allocated (CUDA)
+    peak_bytes: Optional[int]  # peak RSS of the run (CPU) or max_memory_allocated (CUDA)
     peak_source: str  # "child_rusage" | "metrics_peak_bytes" | "none"
     train_mem_max_bytes: Optional[int]  # largest mem_bytes logged during training (RSS / allocated)
     eval_loss: Optional[float]  # the last evaluation
@@ -120,8 +120,9 @@ def method_figures(
     `step_cpu_s` (CPU time of the step's process), where the loop logs it, gives a
     step figure that other jobs on a shared machine disturb far less than wall time.
 
-    Peak memory: a `peak_bytes` figure in the metrics (CUDA max_memory_allocated) wins;
-    otherwise the peak resident set of the child process measured by the parent.
+    Peak memory: the `peak_bytes` the run logs itself wins (its resident high-water mark
+    on CPU, max_memory_allocated on CUDA); otherwise the peak resident set of the child
+    measured by the parent (which can include the parent's own size).
     """
     if not metrics:
         raise ValueError(f"{method}: no metric lines")

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,22 @@ def memory_stats(device: str) -> MemoryStats:
         )
     import psutil
 
-    return MemoryStats(device="cpu", rss=psutil.Process().memory_info().rss)
+    return MemoryStats(device="cpu", rss=psutil.Process().memory_info().rss, peak=_peak_rss())
+
+
+def _peak_rss() -> int:
+    """This process's resident high-water mark (Linux VmHWM; it starts afresh at exec,
+    unlike getrusage's ru_maxrss, which can carry the parent's size into a child)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _label_tokens(labels: torch.Tensor) -> int:
@@ -564,7 +580,7 @@ def train(
                     "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
             if realloc_s is not None:
                 line["realloc_s"] = realloc_s
-            if memory.device == "cuda":
+            if memory.peak:
                 line["peak_bytes"] = memory.peak
             is_last = step == schedule.total_steps
             if data.eval and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
