@@ -33,6 +33,7 @@ from l1ra_lite import checkpoint as ckpt
 from l1ra_lite.adapter_io import save_peft_adapter, target_names
 from l1ra_lite.baselines import (
     adalora_allocator_state,
+    adalora_target_rank,
     load_adalora_allocator_state,
     peft_adalora,
     peft_lora,
@@ -88,7 +89,7 @@ class Schedule:
     steps_per_epoch: int
     examples_per_step: int  # batch_size x grad_accum
     warmup_steps: int
-    update_every: int  # 0: no reallocation
+    update_every: int  # steps between reallocations (L1RA) or AdaLoRA's deltaT; 0: none
     eval_every: int  # 0: only at the end
     save_every: int  # 0: only at the end
 
@@ -118,7 +119,7 @@ def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
         steps_per_epoch=max(1, math.ceil(n_train_examples / per_step)),
         examples_per_step=per_step,
         warmup_steps=steps_from(config.warmup, total),
-        update_every=steps_from(config.update_every, total) if config.method == "l1ra" else 0,
+        update_every=steps_from(config.update_every, total) if config.method != "lora" else 0,
         eval_every=steps_from(config.eval_every, total),
         save_every=steps_from(config.save_every, total),
     )
@@ -183,7 +184,8 @@ def attach_adapters(model, config: FinetuneConfig, schedule: Schedule,
         model = peft_lora(model, paths, ranks, alpha, config.dropout)
     else:
         model = peft_adalora(model, paths, budget, alpha, config.dropout, schedule.total_steps,
-                             schedule.warmup_steps, schedule.update_every or max(1, schedule.total_steps // 20))
+                             schedule.warmup_steps, max(1, schedule.update_every))
+        budget = adalora_target_rank(budget, len(paths)) * len(paths)  # the total AdaLoRA ends at
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     trainable = Trainable(config.method, model, optimizer, RankState(budget, {}), None, alpha)

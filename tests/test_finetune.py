@@ -177,6 +177,7 @@ def test_reallocation_waits_for_warmup_and_skips_the_last_step():
     fractions = plan_schedule(FinetuneConfig(max_steps=200, warmup=0.03, update_every=0.05), 100)
     assert (fractions.warmup_steps, fractions.update_every) == (6, 10)
     assert plan_schedule(FinetuneConfig(max_steps=9, method="lora", update_every=3), 10).update_every == 0
+    assert plan_schedule(FinetuneConfig(max_steps=9, method="adalora", update_every=3), 10).update_every == 3
     by_epochs = plan_schedule(FinetuneConfig(epochs=2, batch_size=4, grad_accum=2), 37)
     assert by_epochs.total_steps == 10 and by_epochs.steps_per_epoch == 5  # ceil(2 * 37 / 8)
 
@@ -196,7 +197,8 @@ def test_stock_peft_methods_run_through_the_same_loop(workdir, method):
         base = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
         PeftModel.from_pretrained(base, str(adapter))
     else:
-        assert config["target_r"] == 2 and config["init_r"] == 3
+        assert config["target_r"] == 2 and config["init_r"] == 3 and config["deltaT"] == 3
+        assert json.loads((run_dir / "ranks.json").read_text())["budget"] == 2 * 14  # the total it ends at
 
 
 def test_nf4_base_with_the_default_budget(workdir):

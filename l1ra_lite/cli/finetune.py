@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
           file=sys.stderr, flush=True)
+    announce_embedded_conversion(config.model)
     stop = StopOnSignal()
     try:
         with stop, open_display(plain=config.plain) as report:
@@ -213,6 +214,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write to {run_dir}: {err.strerror or err}") from None
     print(f"l1ra-lite: adapter written to {adapter_dir} (a standard peft LoRA folder)", file=sys.stderr)
     return 0
+
+
+def announce_embedded_conversion(model: Optional[str]) -> None:
+    """The first run on the embedded default converts it (half a minute): say so."""
+    from l1ra_lite.aliases import EMBEDDED_ALIASES
+    from l1ra_lite.models import EMBEDDED_FOLDER, default_cache_dir
+
+    folder = default_cache_dir() / EMBEDDED_FOLDER
+    if (model is None or model in EMBEDDED_ALIASES) and not folder.exists():
+        print(f"l1ra-lite: preparing the embedded SmolLM2-135M-Instruct in {folder} (once, about a minute)",
+              file=sys.stderr, flush=True)
 
 
 def out_of_memory_advice(config, err, run_dir: Path) -> str:
