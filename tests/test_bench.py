@@ -245,7 +245,6 @@ def test_gpu_comparison_and_estimate_rows():
 def test_gpu_measurement_code_path_on_a_tiny_cpu_model():
     """What bench/gpu.sh runs on the H200, on a tiny shape: an NF4 model built in place,
     L1RA with a steered reallocation, stock peft QLoRA on bitsandbytes layers."""
-    pytest.importorskip("bitsandbytes")
     l1ra = gpu_bench.measure(gpu_bench.Job("l1ra", "l1ra", 32, 1, 28, 3, realloc_at=2), gpu_bench.TINY, "cpu")
     assert l1ra["layer_type"] == "L1RALinear"
     assert l1ra["realloc"]["moved"] == 4  # the last rank of k_proj and v_proj in 2 layers

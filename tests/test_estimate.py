@@ -58,8 +58,9 @@ def run_cli(capsys, *argv):
 
 
 def test_nf4_bytes_match_what_bitsandbytes_stores():
-    torch = pytest.importorskip("torch")
-    functional = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as functional
+    import torch
+
     for rows, cols in ((64, 96), (128, 4096), (300, 7)):
         weight = torch.randn(rows, cols, dtype=torch.bfloat16)
         packed, state = functional.quantize_4bit(
@@ -139,7 +140,7 @@ def test_16bit_base_costs_more_than_nf4():
 
 def test_adapters_are_the_linear_layers_peft_all_linear_targets():
     """The default targets are what peft's all-linear picks: every Linear but the head."""
-    torch = pytest.importorskip("torch")
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 

@@ -202,7 +202,6 @@ def test_stock_peft_methods_run_through_the_same_loop(workdir, method):
 
 
 def test_nf4_base_with_the_default_budget(workdir):
-    pytest.importorskip("bitsandbytes")
     run_dir, adapter = run(workdir, "nf4", quant="nf4", budget=None, max_steps=3, update_every=0,
                            save_every=0, eval_every=0)
     ranks = json.loads((run_dir / "ranks.json").read_text())
@@ -272,7 +271,6 @@ def test_inspect_reads_a_finished_run(finished, capsys, tmp_path):
     assert all(sum(h["by_type"].values()) == 28 for h in summary["history"])
     assert main(["inspect", str(run_dir)]) == 0
     assert "28" in capsys.readouterr().out
-    pytest.importorskip("matplotlib")
     assert main(["inspect", str(run_dir), "--png", str(tmp_path / "ranks.png")]) == 0
     assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

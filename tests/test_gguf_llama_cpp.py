@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf)")
+# These need llama.cpp (llama-cpp-python, compiled at install): `make test-gguf` installs
+# it and runs them; `make test` leaves them out (-m "not llama_cpp").
+pytestmark = pytest.mark.llama_cpp
 
 from test_export import hf_logits, make_run, peft_logits  # noqa: E402
 
@@ -24,6 +26,8 @@ def llama_cpp_logits(model: Path, lora: Path | None = None) -> np.ndarray:
     kwargs = dict(model_path=str(model), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     if lora is not None:
         kwargs["lora_path"] = str(lora)
+    import llama_cpp
+
     llm = llama_cpp.Llama(**kwargs)
     llm.eval(IDS)
     return np.array(llm.scores[: len(IDS)], dtype=np.float32)

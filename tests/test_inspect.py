@@ -209,7 +209,6 @@ def test_cli_prints_tables_by_default(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_png_writes_a_picture_and_never_overwrites(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("matplotlib")
     write_run(tmp_path / "run")
     png = tmp_path / "ranks.png"
     code, out, err = run_cli(monkeypatch, capsys, tmp_path / "run", "--png", png, "--json")
@@ -226,7 +225,6 @@ def test_cli_png_writes_a_picture_and_never_overwrites(tmp_path, monkeypatch, ca
 
 
 def test_png_of_an_adapter_without_history(tmp_path):
-    pytest.importorskip("matplotlib")
     write_adapter(tmp_path / "adapter", adapter_ranks())
     write_png(summarize(tmp_path / "adapter"), tmp_path / "a.png")
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")

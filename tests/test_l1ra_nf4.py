@@ -7,7 +7,7 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters, reallocate
 from tests.tiny import random_batch, tiny_llama
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb  # noqa: E402
 
 
 def nf4_tiny(tmp_path, dtype=torch.float32):
