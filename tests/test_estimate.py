@@ -22,27 +22,14 @@ from l1ra_lite.estimate import (
     resolve_model_config,
 )
 
+from tests.tiny import tiny_llama_config  # noqa: E402
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
 def mistral():
     return resolve_model_config("mistral-7b")
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
 
 
 def run_cli(capsys, *argv):
