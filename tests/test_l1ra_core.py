@@ -9,7 +9,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra import L1RALinear, L1RAOptimizer, RankState, inject_adapters, initial_ranks, reallocate
-from l1ra_lite.l1ra.inject import adapter_parameters, find_targets
+from l1ra_lite.l1ra.inject import adapter_parameters
 from l1ra_lite.l1ra.realloc import resize_adapter
 from tests.tiny import random_batch, tiny_llama
 

@@ -25,13 +25,14 @@ RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "lates
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Every option defaults to None so that a recipe's value is kept unless a flag is given.
+    # opt() and flag() add to the group opened last.
     def opt(flag: str, help: str, **kw: Any) -> None:
-        p.add_argument(flag, default=None, help=help, **kw)
+        group.add_argument(flag, default=None, help=help, **kw)
 
     def flag(name: str, help: str) -> None:
-        p.add_argument(name, action="store_true", default=None, help=help)
+        group.add_argument(name, action="store_true", default=None, help=help)
 
-    what = p.add_argument_group("what to train")
+    group = p.add_argument_group("what to train")
     opt("--model", "alias (mistral-7b, llama-3.1-8b, qwen2.5-7b, their -instruct variants, smollm2-135m), "
         "hub id or local folder; default: the embedded SmolLM2-135M-Instruct")
     opt("--data", "a .jsonl/.json/.csv/.parquet file (fields: messages | instruction/input/output | "
@@ -45,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder blocks)")
     flag("--trust-remote-code", "allow the model's own Python code from the hub (off by default)")
 
-    rank = p.add_argument_group("rank and L1RA")
+    group = p.add_argument_group("rank and L1RA")
     opt("--budget", "total rank over all adapters, conserved by reallocation (default 8 x adapters)", type=int)
     opt("--alpha", "LoRA alpha; the scale is alpha / mean rank (default: the mean rank, scale 1)", type=float)
     opt("--dropout", "dropout on the adapter input (default 0)", type=float)
@@ -56,14 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--update-every", "reallocate every N optimiser steps, or this fraction of the run when < 1 "
         "(default 0.05)", type=float)
 
-    data = p.add_argument_group("data")
+    group = p.add_argument_group("data")
     opt("--seq-len", "truncate examples to this many tokens (default 512)", type=int)
     flag("--packing", "pack examples into full --seq-len sequences")
     opt("--eval-fraction", "held-out share of the rows for evaluation (default 0.05)", type=float)
     opt("--eval-max-rows", "cap on held-out rows (default 200)", type=int)
     flag("--skip-bad-rows", "count and skip malformed rows instead of stopping")
 
-    train = p.add_argument_group("optimisation (all step counts are optimiser steps)")
+    group = p.add_argument_group("optimisation (all step counts are optimiser steps)")
     opt("--max-steps", "stop after this many steps (wins over --epochs)", type=int)
     opt("--epochs", "passes over the training data (default 1)", type=float)
     opt("--batch-size", "examples per micro-batch (default 4)", type=int)
@@ -74,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--warmup", "linear warmup: steps, or a fraction of the run when < 1 (default 0.03)", type=float)
     opt("--seed", "random seed: same seed, same run (default 42)", type=int)
 
-    out = p.add_argument_group("output")
+    group = p.add_argument_group("output")
     opt("--output", "run folder (default runs/<model>-<date-time>)")
     opt("--eval-every", "evaluate every N steps, or this fraction of the run when < 1; 0: only at the end "
         "(default 0.25)", type=float)
@@ -83,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--keep-checkpoints", "keep the newest N checkpoints (default 2)", type=int)
     opt("--log-every", "write a metrics line every N steps (default 1)", type=int)
     flag("--plain", "plain log lines instead of the live dashboard")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
+    group.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
