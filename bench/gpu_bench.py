@@ -227,6 +227,8 @@ def measure(job: Job, shape: dict[str, Any], device: str) -> dict[str, Any]:
     """Build, attach, train `job.steps` steps on random tokens; return the figures."""
     import torch
 
+    from l1ra_lite.loss import causal_lm_loss
+
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = {"device_type": device.split(":")[0], "dtype": torch.bfloat16, "enabled": cuda}
@@ -250,7 +252,7 @@ def measure(job: Job, shape: dict[str, Any], device: str) -> dict[str, Any]:
         _sync()
         start = time.perf_counter()
         with torch.autocast(**autocast):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})  # as the training loop does
         loss.backward()
         loss_value = loss.item()
         del loss  # the graph must be gone before a resize

@@ -32,7 +32,7 @@ class FinetuneConfig:
     dropout: float = 0.0
     # L1RA gates
     l1_lambda: Union[str, float] = "auto"  # "auto": l1_kappa / (eta_c * total_steps)
-    l1_kappa: float = 2.0  # total L1 shrink a gate can receive over the run, when auto
+    l1_kappa: float = 0.5  # total L1 shrink a gate can receive over the run, when auto
     eta_c: float = 2e-2  # learning rate of the gates (constant)
     update_every: float = 0.05  # reallocation interval: fraction of the run (<1) or steps
     # data

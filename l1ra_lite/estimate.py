@@ -18,13 +18,15 @@ parameters of every linear layer. The peak of a training step is the sum of thes
 - checkpoints      gradient checkpointing keeps one 16-bit hidden state per decoder layer,
                    plus the final norm's input and output.
 - backward_peak    the larger of the two moments of the backward pass:
-                   the loss: 16-bit logits (held by the model output), the fp32 log-softmax
-                   it saves, the gradient arriving from the loss and the one it produces
-                   (14 bytes a token a vocabulary entry); or
+                   the loss: 16-bit logits, the fp32 log-softmax saved, the gradient
+                   arriving from the loss and the one it produces (14 bytes a logit), for
+                   one chunk of positions where the loss is chunked (l1ra_lite.loss: llama,
+                   mistral, qwen2/3), for every token otherwise; or
                    one decoder layer recomputed and back-propagated: what it saves (norms in
                    fp32, q/k/v and the sdpa output with no seq x seq matrix, the MLP
                    intermediates, the adapter inputs), the gradients in flight, one
-                   dequantised 16-bit weight, and the 16-bit logits still held.
+                   dequantised 16-bit weight, and, where the loss is not chunked, the
+                   16-bit logits the model output still holds.
 - cuda_context     the CUDA context and library handles (not visible to torch's allocator).
 - fragmentation    the caching allocator reserves more than it hands out.
 
@@ -370,13 +372,27 @@ def checkpoint_bytes(shape: ModelShape, tokens: int) -> int:
     return per_layer + final_norm
 
 
+def chunked_loss(shape: ModelShape) -> bool:
+    """Whether training computes this model's loss a chunk of positions at a time."""
+    from l1ra_lite.loss import PLAIN_HEAD_MODEL_TYPES
+
+    return shape.model_type in PLAIN_HEAD_MODEL_TYPES
+
+
 def loss_phase_bytes(shape: ModelShape, tokens: int) -> int:
-    """The loss on the logits: 16-bit logits, fp32 log-softmax saved, two fp32 gradients."""
-    return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
+    """The loss on the logits: 16-bit logits, fp32 log-softmax saved, two fp32 gradients,
+    for every token, or for one chunk plus the gathered hidden states and their gradient."""
+    if not chunked_loss(shape):
+        return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
+    from l1ra_lite.loss import chunk_tokens
+
+    chunk = min(tokens, chunk_tokens(shape.vocab))
+    return chunk * shape.vocab * LOSS_BYTES_PER_LOGIT + 2 * tokens * shape.hidden * BYTES_16BIT
 
 
 def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str) -> int:
-    """One decoder layer recomputed and back-propagated, with the 16-bit logits still held.
+    """One decoder layer recomputed and back-propagated (with the 16-bit logits still held
+    where the loss is not chunked).
 
     The saved tensors are those autograd keeps for a transformers Llama / Mistral / Qwen2
     layer under 16-bit autocast (counted with saved_tensors_hooks on a small model with
@@ -394,7 +410,7 @@ def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str) -> int:
     )
     grads_per_token = 3 * 2 * i + 2 * 4 * h  # MLP gradients in flight, fp32 norm gradients
     dequantised = BYTES_16BIT * max(lin.numel for lin in shape.quantised) if quant == "nf4" else 0
-    held_logits = tokens * shape.vocab * HELD_LOGITS_BYTES
+    held_logits = 0 if chunked_loss(shape) else tokens * shape.vocab * HELD_LOGITS_BYTES
     return tokens * (saved_per_token + grads_per_token) + dequantised + held_logits
 
 

@@ -54,6 +54,7 @@ from l1ra_lite.events import (
 )
 from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters, initial_ranks, reallocate
 from l1ra_lite.l1ra.inject import find_targets
+from l1ra_lite.loss import causal_lm_loss
 from l1ra_lite.models import ModelSource, compute_dtype, default_device, load_model, load_tokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite loss or gradients: skip, but stop after this many
@@ -252,7 +253,7 @@ def _forward_backward(model, batch, weight: float, autocast: dict) -> float:
     """Loss of one micro-batch, backward with its weight; the graph dies with this frame
     (a live graph would pin the old shapes of resized parameters)."""
     with torch.autocast(**autocast):
-        loss = model(**batch).loss
+        loss = causal_lm_loss(model, batch)
     (loss * weight).backward()
     return loss.item() * weight
 
@@ -290,7 +291,7 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: 
         tokens = _label_tokens(batch["labels"])
         if tokens:
             with torch.autocast(**autocast):
-                total_loss += model(**batch).loss.item() * tokens
+                total_loss += causal_lm_loss(model, batch).item() * tokens
             total_tokens += tokens
     model.train(was_training)
     return total_loss / max(1, total_tokens)

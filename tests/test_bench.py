@@ -256,3 +256,14 @@ def test_gpu_measurement_code_path_on_a_tiny_cpu_model():
     assert lora["realloc"] is None and lora["rank_total"] == 28
     # Rank moved to the larger MLP matrices, and L1RA keeps gates and per-rank step counts.
     assert l1ra["trainable_state_bytes"] > lora["trainable_state_bytes"]
+
+
+def test_loss_memory_script_measures_both_losses(tmp_path, capsys):
+    from bench import loss_memory
+
+    out = tmp_path / "loss.json"
+    assert loss_memory.main(["--vocab", "2048", "--hidden", "32", "--tokens", "128", "--device", "cpu",
+                             "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["peak_bytes"]
+    assert set(figures) == {"transformers", "chunked"} and all(v >= 0 for v in figures.values())
+    assert "chunked / transformers" in capsys.readouterr().out

@@ -74,7 +74,18 @@ def test_mistral_parts_match_hand_counts(mistral):
     assert est.parts["adapters"] == est.adapter_range[1]
     assert est.adapter_range[0] < est.adapter_range[1]
     assert est.parts["checkpoints"] == layers * 2048 * h * 2 + 2048 * h * 8
-    assert est.loss_phase_bytes == 2048 * vocab * 14
+    # the loss is chunked (l1ra_lite.loss): 512 positions' logits at a time, 14 bytes a
+    # logit, plus the gathered hidden states and their gradient
+    assert est.loss_phase_bytes == 512 * vocab * 14 + 2 * 2048 * h * 2
+
+
+def test_models_whose_loss_is_not_chunked_count_every_logit():
+    from transformers import Gemma2Config  # soft-capped logits: the model's own loss
+
+    config = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=128)
+    est = estimate(config, budget=None, seq_len=64, batch_size=2)
+    assert est.loss_phase_bytes == 128 * 128 * 14
 
 
 def test_mistral_budget_512_seq_2048_lands_between_5_and_10_gib(mistral):

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--alpha", "LoRA alpha; the scale is alpha / mean rank (default: the mean rank, scale 1)", type=float)
     opt("--dropout", "dropout on the adapter input (default 0)", type=float)
     opt("--l1-lambda", "L1 penalty on the gates: a number, or auto (default) = l1-kappa / (eta-c x steps)")
-    opt("--l1-kappa", "with --l1-lambda auto: the total shrink a gate can get over the run (default 2)",
+    opt("--l1-kappa", "with --l1-lambda auto: the total shrink a gate can get over the run (default 0.5)",
         type=float)
     opt("--eta-c", "learning rate of the gates, constant (default 0.02)", type=float)
     opt("--update-every", "reallocate every N optimiser steps, or this fraction of the run when < 1 "
