@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} {value / GIB:6.2f} GiB  ({value / logits:5.2f} bytes a logit of the whole batch)")
     print(f"  chunked / transformers: {figures['chunked'] / figures['transformers']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "peak_bytes": figures},
+        args.json.write_text(json.dumps({"settings": vars(args), "peak_bytes": figures},
                                         indent=1, default=str))
     return 0
 
