@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
 
-from bench import gpu_bench, run  # noqa: E402
+from bench import gpu_bench, run, seeds  # noqa: E402
 from bench.summary import (  # noqa: E402
     check_targets,
     compare,
@@ -133,6 +133,27 @@ def test_ratios_and_targets():
     checks = check_targets(slow, full_run=True)
     assert checks["step_time_l1ra_over_lora"]["met"] is False
     assert checks["trainable_state_l1ra_over_adalora"]["met"] is None  # no AdaLoRA run
+
+
+def test_seed_comparison_pairs_the_methods_by_seed():
+    docs = {seed: {"methods": {"lora": {"eval_loss": lora}, "l1ra": {"eval_loss": l1ra}}}
+            for seed, lora, l1ra in ((43, 1.50, 1.48), (42, 1.40, 1.43), (44, 1.60, 1.60))}
+    summary = seeds.compare_seeds(docs)
+    assert list(summary["eval_loss"]) == [42, 43, 44]
+    assert summary["l1ra_minus_lora"] == pytest.approx([0.03, -0.02, 0.0])
+    assert summary["l1ra_minus_lora_mean"] == pytest.approx(0.01 / 3)
+    assert summary["l1ra_minus_lora_stdev"] == pytest.approx(0.025166, rel=1e-4)
+    assert summary["mean"]["lora"] == pytest.approx(1.5) and summary["mean"]["l1ra"] == pytest.approx(1.5033, rel=1e-4)
+    assert summary["l1ra_at_or_below_lora"] == 2 and summary["seeds"] == 3
+    text = seeds.render(summary)
+    assert "42     1.4000   1.4300   +0.0300" in text and "in 2 of 3 seeds" in text
+
+
+def test_seed_script_refuses_the_options_it_sets():
+    with pytest.raises(SystemExit, match="set by this script"):
+        seeds.main(["--seed", "1"])
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        seeds.main(["--seeds", "a,b"])
 
 
 def test_results_document_and_table(tmp_path):
