@@ -22,6 +22,7 @@ norm) read as 1.
 
     python bench/memory_trace.py                               # every GPU recipe
     python bench/memory_trace.py --recipe rtx3060-12gb-mistral7b --seq-len 4096
+    python bench/memory_trace.py --recipe rtx3060-12gb-mistral7b --method lora   # stock peft
     python bench/memory_trace.py --json bench/memory_trace.json
 """
 
@@ -32,6 +33,7 @@ import json
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,6 +127,7 @@ def fake_model(model_config, quant: str, dtype: torch.dtype = torch.bfloat16):
                 module.register_buffer(name, torch.empty(buffer.shape, dtype=buffer.dtype), persistent=False)
     for param in model.parameters():
         param.requires_grad_(False)
+    model.is_loaded_in_4bit = quant == "nf4"  # what transformers' bnb quantiser sets; peft reads it
     model.config.use_cache = False
     _enable_checkpointing(model)
     return model
@@ -141,7 +144,10 @@ def _fake_nf4_linear(linear: nn.Linear, dtype: torch.dtype, bnb, bnb_f):
     weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype)
     packed, quant_state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     layer.weight = nn.Parameter(packed, requires_grad=False)
-    layer.weight.quant_state = quant_state
+    # What a Params4bit carries (and peft's QLoRA layer reads).
+    for name, value in (("quant_state", quant_state), ("quant_type", "nf4"), ("compress_statistics", True),
+                        ("blocksize", 64), ("quant_storage", torch.uint8), ("bnb_quantized", True)):
+        setattr(layer.weight, name, value)
     layer.quant_state = quant_state
     if linear.bias is not None:
         layer.bias = nn.Parameter(torch.empty(linear.out_features, dtype=dtype), requires_grad=False)
@@ -163,6 +169,20 @@ def _quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+@contextmanager
+def _modules_stay_where_made():
+    """peft moves each new adapter to its base layer's device (and float dtype) with
+    Module.to(), which cannot convert a fake parameter (torch swaps it in place and
+    refuses). Every tensor here is already on the one fake device, and a 4-bit base has
+    no float dtype to cast to, so each move would change nothing: skip them."""
+    to = nn.Module.to
+    nn.Module.to = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        nn.Module.to = to
+
+
 # ---------------------------------------------------------------- one trace
 
 
@@ -182,7 +202,8 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
     started = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = fake_model(model_config, config.quant)
-        trainable = attach_adapters(model, config, plan_schedule(config, n_train_examples=1000))
+        with _modules_stay_where_made():
+            trainable = attach_adapters(model, config, plan_schedule(config, n_train_examples=1000))
         model.train()
         counter = StorageBytes()
         for tensor in [*model.parameters(), *model.buffers(), *_quant_state_tensors(model)]:
@@ -190,7 +211,9 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
         resident = counter.current
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (config.batch_size, config.seq_len))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for tensor in batch.values():
+            counter.add(tensor)
         micro_batches = [batch] * min(config.grad_accum, 2)  # the second sees the first's gradients
         after_steps = []
         with counter:
@@ -199,6 +222,7 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
                 after_steps.append(counter.current)
     return {
         "model": config.model,
+        "method": config.method,
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "budget": est.budget,
@@ -228,11 +252,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="peak memory (GiB): traced training step vs l1ra_lite.estimate (allocated)")
-    for column in ("recipe", "model", "seq x batch", "budget", "weights + adapters", "traced peak",
+    for column in ("recipe", "model", "method", "seq x batch", "budget", "weights + adapters", "traced peak",
                    "estimate", "traced / estimate"):
-        table.add_column(column, justify="left" if column in ("recipe", "model") else "right")
+        table.add_column(column, justify="left" if column in ("recipe", "model", "method") else "right")
     for row in rows:
-        table.add_row(row["recipe"], row["model"], f"{row['seq_len']} x {row['batch_size']}", str(row["budget"]),
+        table.add_row(row["recipe"], row["model"], row["method"], f"{row['seq_len']} x {row['batch_size']}", str(row["budget"]),
                       f"{row['resident_bytes'] / GIB:.2f}", f"{row['traced_peak_bytes'] / GIB:.2f}",
                       f"{row['estimate_allocated_bytes'] / GIB:.2f}", f"{row['traced_over_estimate']:.3f}")
     Console().print(table)
@@ -244,6 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, help="override the recipes' sequence length")
     parser.add_argument("--batch-size", type=int, help="override the recipes' batch size")
     parser.add_argument("--budget", type=int, help="override the recipes' rank budget")
+    parser.add_argument("--method", choices=("l1ra", "lora"), help="override the recipes' method (lora: stock peft)")
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps traced (default 2)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -252,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from l1ra_lite.errors import UserError
 
     overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
-                                   ("budget", args.budget)) if v is not None}
+                                   ("budget", args.budget), ("method", args.method)) if v is not None}
     rows = []
     try:
         for recipe in args.recipe or gpu_recipes():

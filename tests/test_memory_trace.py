@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from bench import memory_trace  # noqa: E402
 from l1ra_lite.config import build_config  # noqa: E402
+from tests.tiny import tiny_llama_config  # noqa: E402
 
 MIB = 1 << 20
 
@@ -61,3 +62,14 @@ def test_traced_peak_is_within_15_percent_of_the_estimate(mistral_trace):
     assert first == second > mistral_trace["resident_bytes"]
     # The peak is a step's transient: checkpoints and one layer's backward, over 1 GiB here.
     assert mistral_trace["traced_peak_bytes"] - second > 1 << 30
+
+
+def test_stock_peft_lora_traces_too_and_differs_by_the_gates(tmp_path):
+    """The same step with peft's QLoRA layer: its resident adapters are L1RA's without
+    the gate vector (one fp32 a rank)."""
+    tiny_llama_config(vocab_size=512).save_pretrained(tmp_path)
+    settings = {"model": str(tmp_path), "budget": 28, "seq_len": 32, "batch_size": 2, "grad_accum": 1}
+    l1ra = memory_trace.trace(build_config(None, {**settings, "method": "l1ra"}), steps=1)
+    lora = memory_trace.trace(build_config(None, {**settings, "method": "lora"}), steps=1)
+    assert l1ra["resident_bytes"] - lora["resident_bytes"] == 28 * 4
+    assert lora["method"] == "lora" and lora["traced_peak_bytes"] > lora["resident_bytes"]
