@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from bench import memory_trace  # noqa: E402
 from l1ra_lite.config import build_config  # noqa: E402
+from l1ra_lite.estimate import estimate, resolve_model_config  # noqa: E402
 from tests.tiny import tiny_llama_config  # noqa: E402
 
 MIB = 1 << 20
@@ -45,10 +46,9 @@ def test_resident_weights_are_what_the_estimate_counts(mistral_trace):
     """NF4 weights as bitsandbytes' quantize_4bit makes them, 16-bit rest, adapters at
     the start (the budget spread evenly: the low end of the estimate's range)."""
     parts = mistral_trace["estimate_parts"]
-    from l1ra_lite.estimate import estimate, resolve_model_config
-
     low, _ = estimate(resolve_model_config("mistral-7b"), budget=512, seq_len=2048, batch_size=1).adapter_range
-    # The adapters' optimiser state does not exist before the first step: count A, B, gate only.
+    # Before the first step the adapters are A, B and gate alone (no gradients, no
+    # optimiser state): more than nothing, less than the range's low end.
     counted = parts["weights_4bit"] + parts["weights_16bit"]
     assert counted < mistral_trace["resident_bytes"] < counted + low
     assert mistral_trace["resident_bytes"] == pytest.approx(counted, rel=0.01)
