@@ -101,7 +101,7 @@ def build_quantised_model(config, device: str, dtype, seed: int = 0):
     head = model.get_output_embeddings()
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module is not head:
-            _replace(model, path, _nf4_linear(module, device, dtype, std, generator, bnb))
+            replace_submodule(model, path, _nf4_linear(module, device, dtype, std, generator, bnb))
             continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":
@@ -135,7 +135,7 @@ def _nf4_linear(linear, device: str, dtype, std: float, generator, bnb):
     return layer
 
 
-def _replace(model, path: str, new) -> None:
+def replace_submodule(model, path: str, new) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
 

@@ -110,6 +110,7 @@ def fake_model(model_config, quant: str, dtype: torch.dtype = torch.bfloat16):
     import bitsandbytes.functional as bnb_f
     from transformers import AutoModelForCausalLM
 
+    from bench.gpu_bench import replace_submodule
     from l1ra_lite.models import _enable_checkpointing
 
     with torch.device("meta"):
@@ -117,7 +118,7 @@ def fake_model(model_config, quant: str, dtype: torch.dtype = torch.bfloat16):
     head = model.get_output_embeddings()
     for path, module in list(model.named_modules()):
         if quant == "nf4" and isinstance(module, nn.Linear) and module is not head:
-            _set_submodule(model, path, _fake_nf4_linear(module, dtype, bnb, bnb_f))
+            replace_submodule(model, path, _fake_nf4_linear(module, dtype, bnb, bnb_f))
             continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.device.type == "meta":
@@ -152,11 +153,6 @@ def _fake_nf4_linear(linear: nn.Linear, dtype: torch.dtype, bnb, bnb_f):
     if linear.bias is not None:
         layer.bias = nn.Parameter(torch.empty(linear.out_features, dtype=dtype), requires_grad=False)
     return layer
-
-
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
 def _quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:

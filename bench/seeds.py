@@ -59,7 +59,8 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Any other option goes to bench/run.py (python bench/run.py --help).")
     parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default 42,43,44)")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "seeds.json")
     args, run_args = parser.parse_known_args(argv)
