@@ -255,7 +255,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         table.add_row(row["recipe"], row["model"], row["method"], f"{row['seq_len']} x {row['batch_size']}", str(row["budget"]),
                       f"{row['resident_bytes'] / GIB:.2f}", f"{row['traced_peak_bytes'] / GIB:.2f}",
                       f"{row['estimate_allocated_bytes'] / GIB:.2f}", f"{row['traced_over_estimate']:.3f}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 150).print(table)  # a pipe gets a wide table
 
 
 def main(argv: Optional[list[str]] = None) -> int:
