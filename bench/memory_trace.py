@@ -43,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -54,8 +55,8 @@ class StorageBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages; `peak` is the high-water mark.
 
     A storage is counted once, when an op first returns a tensor on it (views share it),
-    and uncounted when it is freed. Under FakeTensorMode it also answers the few
-    questions whose answer depends on data (see the module docstring)."""
+    and uncounted when it is freed. For fake tensors it also answers the few questions
+    whose answer depends on data (see the module docstring)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,12 +80,13 @@ class StorageBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         aten = torch.ops.aten
-        if func is aten._local_scalar_dense.default:  # .item(), int(), float() of a fake tensor
+        fake = bool(args) and isinstance(args[0], FakeTensor)  # real tensors get real answers
+        if fake and func is aten._local_scalar_dense.default:  # .item(), int(), float()
             return True if args[0].dtype == torch.bool else 1
-        if func is aten.index.Tensor and _bool_index(args[1]):  # x[mask] with every position labelled
+        if fake and func is aten.index.Tensor and _bool_index(args[1]):  # x[mask], every position labelled
             x, (mask,) = args[0], args[1]
             out = torch.empty((mask.numel(), *x.shape[mask.dim():]), dtype=x.dtype, device=x.device)
-        elif func in (aten.index_put.default, aten._index_put_impl_.default, aten.index_put_.default) \
+        elif fake and func in (aten.index_put.default, aten._index_put_impl_.default, aten.index_put_.default) \
                 and _bool_index(args[1]):  # the gradient of x[mask]: a tensor of x's shape
             out = torch.empty_like(args[0]) if func is aten.index_put.default else args[0]
         else:
@@ -185,7 +187,6 @@ def _modules_stay_where_made():
 def trace(config, steps: int = 2) -> dict[str, Any]:
     """Trace `steps` optimiser steps of `config` (a FinetuneConfig); figures in bytes."""
     import bitsandbytes.functional as bnb_f
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from l1ra_lite.estimate import estimate_for_config, resolve_model_config
     from l1ra_lite.train import _optimizer_step, attach_adapters, plan_schedule
