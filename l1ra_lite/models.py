@@ -270,7 +270,33 @@ def load_model(
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if gradient_checkpointing:
         _enable_checkpointing(model)
+    keep_4bit_layers_trainable(model)
     return model
+
+
+def keep_4bit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for inference on this model.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight into a
+    CPU inference layout the first time the layer runs in eval mode on an input that needs
+    no grad (an evaluation pass), and leaves it so. Its kernel for that layout has no
+    backward: back in training no gradient flows through the frozen base layers, so
+    every adapter below the last one stops learning, silently. A model that trains must
+    keep the trainable layout; generate and export load their own model and keep the
+    fast path. Weights already repacked are unpacked again.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def _enable_checkpointing(model: Any) -> None:
