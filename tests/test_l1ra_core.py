@@ -320,3 +320,35 @@ def test_reallocation_is_recorded_in_the_rank_state():
     assert event.step == 7 and sum(event.ranks.values()) == 28
     assert sum(event.pruned.values()) == sum(event.added.values()) == 1
     assert state.history == [event] and RankState.from_json(state.to_json()) == state
+
+
+class CopiesOf(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output dtype of every copy (aten._to_copy) of a tensor of `numel` entries."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.copies = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].numel() == self.numel:
+            self.copies.append(out.dtype)
+        return out
+
+
+def test_under_autocast_the_adapter_makes_no_fp32_copy_of_its_input():
+    """peft's LoRA lets autocast cast; an explicit cast to the fp32 master weights would
+    copy every adapted layer's (tokens x in) input in fp32 and keep it for backward."""
+    layer = L1RALinear(nn.Linear(64, 96).to(torch.bfloat16), rank=4, scale=1.0)
+    x = torch.randn(2, 50, 64, dtype=torch.bfloat16, requires_grad=True)
+    with CopiesOf(x.numel()) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y.float().sum().backward()
+    assert torch.float32 not in counter.copies
+    assert y.dtype == torch.bfloat16 and layer.lora_A.grad.dtype == torch.float32
+
+    # Without autocast a bf16 input still meets fp32 weights: then the cast is needed.
+    layer.zero_grad()
+    with CopiesOf(x.numel()) as counter:
+        layer(x).float().sum().backward()
+    assert torch.float32 in counter.copies

@@ -59,7 +59,13 @@ class L1RALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         a, b = self.lora_A, self.lora_B
-        h = nn.functional.linear(self.dropout(x).to(a.dtype), a)
+        x = self.dropout(x)
+        # Under autocast the matmul casts for itself (as in peft); an explicit cast to
+        # the fp32 master dtype would make an fp32 copy of every adapted layer's input,
+        # kept by checkpointing for the backward pass.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        h = nn.functional.linear(x, a)
         # The gate and the scale are r numbers: multiply them once into the rank
         # dimension instead of scaling the (tokens x out) result.
         h = h * (self.gate * self.scale).to(h.dtype)
