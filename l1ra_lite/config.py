@@ -24,6 +24,7 @@ class FinetuneConfig:
     data: Optional[str] = None  # file or hub dataset; None: the embedded default
     method: str = "l1ra"  # l1ra | lora | adalora
     quant: str = "nf4"  # nf4 | none
+    dtype: str = "auto"  # compute dtype: auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32; fp16 on CUDA without bf16)
     target_modules: Optional[list[str]] = None  # None: every linear layer of the decoder blocks
     trust_remote_code: bool = False
     # rank
@@ -63,7 +64,7 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {"method": ("l1ra", "lora", "adalora"), "quant": ("nf4", "none")}
+CHOICES = {"method": ("l1ra", "lora", "adalora"), "quant": ("nf4", "none"), "dtype": ("auto", "bf16", "fp16", "fp32")}
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 

@@ -55,25 +55,35 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
     """Mean cross-entropy of the labelled next tokens of `batch` (input_ids, attention_mask,
-    labels with -100 where there is nothing to predict)."""
+    labels with -100 where there is nothing to predict).
+
+    `labels` may stay on the CPU while the rest of the batch is on the GPU (the training
+    loop does that): the labelled positions are then found on the CPU, and the GPU never
+    has to report how many there are (a boolean-mask gather would make the host wait)."""
+    device = batch["input_ids"].device
     lm = plain_causal_lm(model)
     if lm is None:
-        return model(**batch).loss
+        return model(**{**batch, "labels": batch["labels"].to(device)}).loss
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                               use_cache=False).last_hidden_state
-    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    labelled = labels != IGNORE_INDEX
-    hidden = hidden[:, :-1][labelled]
-    targets = labels[labelled]
-    if targets.numel() == 0:
+    batch_size, length, width = hidden.shape
+    next_labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
+    positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)  # over (batch, length - 1)
+    n_labelled = positions.numel()
+    if n_labelled == 0:
         return hidden.sum() * 0.0  # nothing to predict; keeps the graph for a uniform backward
+    # Position p of the (batch, length - 1) grid is row p // (length - 1): in the flattened
+    # (batch, length) hidden states that is p + p // (length - 1).
+    rows = positions + positions.div(length - 1, rounding_mode="floor")
+    hidden = hidden.reshape(batch_size * length, width).index_select(0, rows.to(device, non_blocking=True))
+    targets = next_labels[positions].to(device, non_blocking=True)
     head = lm.get_output_embeddings()
     step = chunk_tokens(head.weight.shape[0], chunk_logits)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), step):
+    for start in range(0, n_labelled, step):
         h, t = hidden[start:start + step], targets[start:start + step]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, h, t, head, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, t, head)
-    return total / targets.numel()
+    return total / n_labelled

@@ -197,7 +197,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(device: str) -> "torch.dtype":
+def compute_dtype(device: str, requested: str = "auto") -> "torch.dtype":
     """bf16 where the hardware computes it natively, else fp32.
 
     CUDA: bf16 on cards that support it (Ampere and newer); older cards get fp32 rather
@@ -207,6 +207,8 @@ def compute_dtype(device: str) -> "torch.dtype":
     """
     import torch
 
+    if requested != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device == "cpu" and _cpu_has_native_bf16():

@@ -40,7 +40,7 @@ from l1ra_lite.baselines import (
     peft_ranks,
 )
 from l1ra_lite.config import FinetuneConfig, steps_from
-from l1ra_lite.data import collate, epoch_order, prepare_data
+from l1ra_lite.data import IGNORE_INDEX, collate, epoch_order, prepare_data
 from l1ra_lite.errors import UserError
 from l1ra_lite.events import (
     CheckpointSaved,
@@ -73,12 +73,24 @@ class Diverged(UserError):
 
 
 class OutOfMemory(Exception):
-    """The device ran out of memory during a step; `saved_step` is the checkpoint written
-    (or already there) for the last completed step, None if there is none."""
+    """The device ran out of memory. `phase` is what was running ("training step",
+    "evaluation" or "checkpoint"), `step` the optimiser step it belonged to, and
+    `saved_step` the newest checkpoint on disk (written on the way out when one was
+    missing), None if there is none."""
 
-    def __init__(self, step: int, saved_step: Optional[int]):
-        super().__init__(f"out of memory at step {step + 1}")
-        self.step, self.saved_step = step, saved_step
+    def __init__(self, step: int, saved_step: Optional[int], phase: str = "training step"):
+        super().__init__(f"out of memory in the {phase} of step {step}")
+        self.step, self.saved_step, self.phase = step, saved_step, phase
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, and the cuBLAS / cuDNN allocation failures that reach us
+    as plain RuntimeErrors when a library's workspace cannot be allocated."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory"))
 
 
 # ------------------------------------------------------------------ schedule
@@ -160,6 +172,26 @@ class Trainable:
         return peft_ranks(self.model, self.method)
 
 
+def run_dtype(config: FinetuneConfig, device: str) -> torch.dtype:
+    """The compute dtype: --dtype, or with auto what the hardware computes natively. A
+    16-bit base on a CPU stays fp32 under auto: CPU bf16 matmuls of unquantised weights
+    gain nothing there."""
+    if config.dtype == "auto" and config.quant == "none" and device == "cpu":
+        return torch.float32
+    return compute_dtype(device, config.dtype)
+
+
+def free_memory_note(device: str) -> str:
+    """", 1.2 of 8.0 GiB free" on CUDA (for out-of-memory messages), else ""."""
+    if not device.startswith("cuda"):
+        return ""
+    try:
+        free, total = torch.cuda.mem_get_info(torch.device(device).index or 0)
+    except RuntimeError:
+        return ""
+    return f", {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+
+
 def resolve_l1_lambda(config: FinetuneConfig, total_steps: int) -> float:
     """'auto': the penalty follows the run length, lambda = kappa / (eta_c * steps)."""
     if config.l1_lambda == "auto":
@@ -230,6 +262,20 @@ def memory_stats(device: str) -> MemoryStats:
     return MemoryStats(device="cpu", rss=psutil.Process().memory_info().rss, peak=_peak_rss())
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak-memory count afresh (after loading), so that the peak in metrics is
+    the training's: on CUDA torch's counter, on Linux the process's VmHWM (writing 5 to
+    /proc/self/clear_refs resets it)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device).index or 0)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then includes loading
+        pass
+
+
 def _peak_rss() -> int:
     """This process's resident high-water mark (Linux VmHWM; it starts afresh at exec,
     unlike getrusage's ru_maxrss, which can carry the parent's size into a child)."""
@@ -246,37 +292,56 @@ def _peak_rss() -> int:
 
 
 def _label_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())  # the first label is never predicted
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # the first label is never predicted
 
 
-def _forward_backward(model, batch, weight: float, autocast: dict) -> float:
-    """Loss of one micro-batch, backward with its weight; the graph dies with this frame
-    (a live graph would pin the old shapes of resized parameters)."""
+def to_device(batch: dict, device: str) -> dict:
+    """The batch for the model on `device`; labels stay where they are (on the CPU), so the
+    loss finds the labelled positions without making the host wait for the GPU."""
+    return {k: v if k == "labels" else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_backward(model, batch, weight: float, autocast: dict,
+                      scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+    """Loss of one micro-batch (a tensor on the device: reading it would wait for the GPU),
+    backward with its weight; the graph dies with this frame (a live graph would pin the
+    old shapes of resized parameters)."""
     with torch.autocast(**autocast):
-        loss = causal_lm_loss(model, batch)
-    (loss * weight).backward()
-    return loss.item() * weight
+        loss = causal_lm_loss(model, batch) * weight
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
 
 
 def _optimizer_step(trainable: Trainable, batches: list[dict], lr: float, max_grad_norm: float,
-                    device: str, autocast: dict, step_number: int) -> tuple[Optional[float], float]:
+                    device: str, autocast: dict, step_number: int,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Optional[float], float]:
     """Forward/backward over the micro-batches, clip, step. Each micro-batch's loss is
     weighted by its share of the step's answer tokens, so accumulation equals one big
-    batch. Returns (loss, grad norm); loss is None when the loss or the gradients were
-    not finite, and then nothing was updated."""
+    batch. The loss and the gradient norm are read once, together: the step's one wait
+    for the device. Returns (loss, grad norm); loss is None when the loss or the
+    gradients were not finite, and then nothing was updated. With fp16 loss scaling
+    (`scaler`), gradients that overflow are not a fault: the step is skipped, the scale
+    lowered, and the loss returned with an infinite grad norm."""
     step_tokens = sum(_label_tokens(b["labels"]) for b in batches)
-    loss = 0.0
+    loss = torch.zeros((), device=device)
     for batch in batches:
         weight = _label_tokens(batch["labels"]) / max(1, step_tokens)
-        loss += _forward_backward(trainable.model, {k: v.to(device) for k, v in batch.items()}, weight, autocast)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_grad_norm or float("inf")))
+        loss += _forward_backward(trainable.model, to_device(batch, device), weight, autocast, scaler)
+    if scaler is not None:
+        scaler.unscale_(trainable.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_grad_norm or float("inf"))
+    loss, grad_norm = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
         set_lr(trainable.optimizer, lr)
         trainable.optimizer.step()
         if trainable.method == "adalora":  # peft: after the step, before zeroing the gradients
             trainable.model.base_model.update_and_allocate(step_number)
+    if scaler is not None:
+        scaler.update()  # grows the scale after a run of good steps, lowers it after an overflow
     trainable.optimizer.zero_grad(set_to_none=True)
+    if not finite and scaler is not None and math.isfinite(loss):
+        return loss, float("inf")
     return (loss if finite else None), grad_norm
 
 
@@ -285,16 +350,16 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: 
     """Token-weighted mean loss over the held-out examples."""
     was_training = model.training
     model.eval()
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        batch = collate(examples[start:start + batch_size], pad_id)
         tokens = _label_tokens(batch["labels"])
         if tokens:
             with torch.autocast(**autocast):
-                total_loss += causal_lm_loss(model, batch).item() * tokens
+                total_loss += causal_lm_loss(model, to_device(batch, device)).double() * tokens
             total_tokens += tokens
     model.train(was_training)
-    return total_loss / max(1, total_tokens)
+    return float(total_loss) / max(1, total_tokens)  # read once, at the end
 
 
 # ------------------------------------------------------------------ run folder
@@ -449,8 +514,11 @@ def train(
 
     source = source or resolve_model(config.model)
     device = device or default_device()
-    dtype = compute_dtype(device) if config.quant == "nf4" or device != "cpu" else torch.float32
-    autocast = {"device_type": device.split(":")[0], "dtype": torch.bfloat16, "enabled": dtype == torch.bfloat16}
+    dtype = run_dtype(config, device)
+    autocast = {"device_type": device.split(":")[0], "dtype": dtype,
+                "enabled": dtype in (torch.bfloat16, torch.float16)}
+    # fp16 (cards without bf16) needs loss scaling; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
 
     # Data first: a bad file should fail before minutes of model loading.
     tokenizer = load_tokenizer(source, config.trust_remote_code)
@@ -466,10 +534,17 @@ def train(
         checkpoint = ckpt.load_checkpoint(checkpoint_path)
 
     torch.manual_seed(config.seed)
-    model = load_model(source, config.quant, device, dtype, config.trust_remote_code)
-    all_linear = _all_decoder_linears(model)
     saved_ranks = checkpoint.state["rank_state"]["ranks"] if checkpoint and config.method == "l1ra" else None
-    trainable = attach_adapters(model, config, schedule, saved_ranks)
+    try:
+        model = load_model(source, config.quant, device, dtype, config.trust_remote_code)
+        all_linear = _all_decoder_linears(model)
+        trainable = attach_adapters(model, config, schedule, saved_ranks)
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(f"out of memory while loading {source.name} on {device}{free_memory_note(device)}: "
+                        "the model does not fit; see l1ra-lite estimate --model ... for what a card needs, "
+                        "or use a smaller model") from None
     model = trainable.model
     model.train()
     fingerprint = _fingerprint(config, source, trainable)
@@ -479,6 +554,8 @@ def train(
     if checkpoint is not None:
         _check_fingerprint(checkpoint.state["fingerprint"], fingerprint, checkpoint_path)
         progress = restore(trainable, checkpoint, device)
+        if scaler is not None and "grad_scaler" in checkpoint.state:
+            scaler.load_state_dict(checkpoint.state["grad_scaler"])
         saved_step = progress.step
         del checkpoint  # torch's load_state_dict may alias its tensors: let them go
         _truncate_metrics(run_dir / "metrics.jsonl", progress.step)
@@ -503,6 +580,8 @@ def train(
         nonlocal saved_step
         snapshot = checkpoint_of(trainable, progress, fingerprint, schedule.examples_per_step,
                                  rng if rng is not None else rng_states(device))
+        if scaler is not None:
+            snapshot.state["grad_scaler"] = scaler.state_dict()
         try:
             path = ckpt.save_checkpoint(run_dir, progress.step, snapshot, config.keep_checkpoints)
         except OSError as err:
@@ -524,6 +603,17 @@ def train(
 
     pad_id = tokenizer.pad_token_id
     order_of_epoch = functools.lru_cache(maxsize=2)(lambda epoch: epoch_order(len(data.train), config.seed, epoch))
+    def log(line: dict, memory: MemoryStats) -> None:
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
+        report(StepLogged(
+            step=line["step"], total_steps=schedule.total_steps, epoch=line["step"] / schedule.steps_per_epoch,
+            loss=line["loss"], lr=line["lr"], grad_norm=line["grad_norm"], tokens_per_s=line["tokens_per_s"],
+            elapsed_s=line["elapsed_s"], memory=memory, adapter_bytes=line["adapter_bytes"],
+            rank_total=line["rank_total"], skipped_steps=progress.skipped,
+        ))
+
+    reset_peak_memory(device)  # the peak in metrics is the training's, not the loading's
     started = time.perf_counter()
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     try:
@@ -532,81 +622,90 @@ def train(
             rng_before = rng_states(device)  # an OOM checkpoint must resume from before this step
             batches = step_batches(data.train, config, progress.step, order_of_epoch, pad_id)
             lr = lr_at(progress.step, schedule, config.lr)
-            out_of_memory = False
+            phase, out_of_memory = "training step", False
             try:
                 loss, grad_norm = _optimizer_step(trainable, batches, lr, config.max_grad_norm, device, autocast,
-                                                  progress.step + 1)
-            except torch.cuda.OutOfMemoryError:
+                                                  progress.step + 1, scaler)
+                progress.step += 1
+                step = progress.step
+                if loss is None:  # not finite: nothing reached the weights, gates or ranks
+                    progress.skipped += 1
+                    progress.bad_in_a_row += 1
+                    if progress.bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                        raise Diverged(
+                            f"loss or gradients were not finite for {progress.bad_in_a_row} steps in a row "
+                            f"(step {step}); stopped. Lower --lr (now {config.lr:g}) or check the data; "
+                            "the last good checkpoint is kept")
+                else:
+                    progress.bad_in_a_row = 0
+                    if not math.isfinite(grad_norm):  # fp16 overflow: skipped, the scale lowered
+                        progress.skipped += 1
+                if config.method == "adalora":
+                    trainable.rank_state.ranks = trainable.current_ranks()
+
+                realloc_s = None
+                if config.method == "l1ra" and schedule.reallocates_at(step):
+                    phase = "reallocation"
+                    t0 = time.perf_counter()
+                    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                    event = reallocate(trainable.adapters, trainable.rank_state, step,
+                                       trainable.optimizer.prune_threshold, trainable.optimizer, gen)
+                    realloc_s = time.perf_counter() - t0
+                    write_ranks()
+                    report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
+                                       schedule.next_update(step), realloc_s))
+
+                now = time.perf_counter()
+                tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                memory = memory_stats(device)
+                adapter_bytes = trainable_state_bytes(trainable)
+                shown_loss = float("nan") if loss is None else loss
+                line = {"step": step, "loss": shown_loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": tokens / (now - step_start), "step_s": now - step_start,
+                        "step_cpu_s": time.process_time() - step_cpu_start,
+                        "mem_bytes": memory.allocated or memory.rss, "adapter_bytes": adapter_bytes,
+                        "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
+                if realloc_s is not None:
+                    line["realloc_s"] = realloc_s
+                if memory.peak:
+                    line["peak_bytes"] = memory.peak
+                is_last = step == schedule.total_steps
+                if data.eval and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
+                    phase = "evaluation"
+                    eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
+                    line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                    report(Evaluated(step, eval_loss, line["eval_ppl"]))
+                # The metrics line goes first: a run killed after its checkpoint has it.
+                if step % config.log_every == 0 or is_last or "eval_loss" in line:
+                    log(line, memory)
+                stop = should_stop() and not is_last
+                # No periodic checkpoint right after a skipped (non-finite) step: the newest
+                # checkpoints stay those of good steps.
+                periodic = schedule.save_every and step % schedule.save_every == 0 and not progress.bad_in_a_row
+                if stop or is_last or periodic:
+                    phase = "checkpoint"
+                    save()
+                if stop:
+                    raise Interrupted(step, run_dir)
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
                 out_of_memory = True  # handled outside the except: its traceback holds the graph
+            if out_of_memory and phase == "evaluation":
+                log(line, memory)  # the step itself completed
             if out_of_memory:
                 trainable.optimizer.zero_grad(set_to_none=True)
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                if progress.step > 0 and saved_step != progress.step:
-                    save(rng_before)
-                raise OutOfMemory(progress.step, saved_step)
-            progress.step += 1
-            step = progress.step
-            if loss is None:  # not finite: nothing reached the weights, gates or ranks
-                progress.skipped += 1
-                progress.bad_in_a_row += 1
-                if progress.bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise Diverged(
-                        f"loss or gradients were not finite for {progress.bad_in_a_row} steps in a row "
-                        f"(step {step}); stopped. Lower --lr (now {config.lr:g}) or check the data; "
-                        "the last good checkpoint is kept")
-            else:
-                progress.bad_in_a_row = 0
-            if config.method == "adalora":
-                trainable.rank_state.ranks = trainable.current_ranks()
-
-            realloc_s = None
-            if config.method == "l1ra" and schedule.reallocates_at(step):
-                t0 = time.perf_counter()
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-                event = reallocate(trainable.adapters, trainable.rank_state, step,
-                                   trainable.optimizer.prune_threshold, trainable.optimizer, gen)
-                realloc_s = time.perf_counter() - t0
-                write_ranks()
-                report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
-                                   schedule.next_update(step), realloc_s))
-
-            now = time.perf_counter()
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            memory = memory_stats(device)
-            adapter_bytes = trainable_state_bytes(trainable)
-            shown_loss = float("nan") if loss is None else loss
-            line = {"step": step, "loss": shown_loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tokens / (now - step_start), "step_s": now - step_start,
-                    "step_cpu_s": time.process_time() - step_cpu_start,
-                    "mem_bytes": memory.allocated or memory.rss, "adapter_bytes": adapter_bytes,
-                    "rank_total": trainable.rank_state.total, "elapsed_s": now - started}
-            if realloc_s is not None:
-                line["realloc_s"] = realloc_s
-            if memory.peak:
-                line["peak_bytes"] = memory.peak
-            is_last = step == schedule.total_steps
-            if data.eval and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
-                eval_loss = evaluate(model, data.eval, config.batch_size, pad_id, device, autocast)
-                line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                report(Evaluated(step, eval_loss, line["eval_ppl"]))
-            if step % config.log_every == 0 or is_last or "eval_loss" in line:
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-                report(StepLogged(
-                    step=step, total_steps=schedule.total_steps, epoch=step / schedule.steps_per_epoch,
-                    loss=shown_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=line["tokens_per_s"],
-                    elapsed_s=now - started, memory=memory, adapter_bytes=adapter_bytes,
-                    rank_total=trainable.rank_state.total, skipped_steps=progress.skipped,
-                ))
-            stop = should_stop() and not is_last
-            # No periodic checkpoint right after a skipped (non-finite) step: the newest
-            # checkpoints stay those of good steps.
-            periodic = schedule.save_every and step % schedule.save_every == 0 and not progress.bad_in_a_row
-            if stop or is_last or periodic:
-                save()
-            if stop:
-                raise Interrupted(step, run_dir)
+                # A step that failed left the counter where it was (rng_before is then the
+                # state to resume from); after a completed step the current state is. A
+                # reallocation cut short may have left the adapters half resized: then the
+                # previous checkpoint is the one to keep.
+                safe_to_save = phase in ("training step", "evaluation")
+                if safe_to_save and progress.step > 0 and saved_step != progress.step:
+                    save(rng_before if phase == "training step" else None)
+                failed_step = progress.step + 1 if phase == "training step" else progress.step
+                raise OutOfMemory(failed_step, saved_step, phase)
     finally:
         metrics.close()
 

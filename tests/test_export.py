@@ -16,6 +16,7 @@ import torch
 
 from l1ra_lite.cli import main as cli_main
 from l1ra_lite.errors import UserError
+from l1ra_lite.models import _cpu_has_native_bf16
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -103,8 +104,11 @@ def make_run(
     return run
 
 
-def peft_logits(run: Path, ids: torch.Tensor, nf4: bool = False) -> torch.Tensor:
-    """Logits of stock peft's adapter on the base (the reference every export must match)."""
+def peft_logits(run: Path, ids: torch.Tensor, nf4: bool = False, bnb_cpu_inference: bool = False) -> torch.Tensor:
+    """Logits of stock peft's adapter on the base (the reference every export must match),
+    computed in fp32. On a CPU with AVX512-BF16, bitsandbytes would run an eval-mode 4-bit
+    layer through its bf16 inference kernel (block scales rounded to bf16, bf16 matmul);
+    `bnb_cpu_inference` allows that, otherwise the reference stays fp32 like the export."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -117,6 +121,10 @@ def peft_logits(run: Path, ids: torch.Tensor, nf4: bool = False) -> torch.Tensor
         )
         kwargs["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **kwargs)
+    if nf4 and not bnb_cpu_inference:
+        from l1ra_lite.models import keep_4bit_layers_trainable
+
+        keep_4bit_layers_trainable(base)  # compare like with like: fp32 on every CPU
     model = PeftModel.from_pretrained(base, run / "adapter").eval()
     with torch.no_grad():
         return model(ids).logits
@@ -232,6 +240,24 @@ def test_hf_export_dequantized_matches_peft_on_nf4_base(run_nf4, tmp_path):
     assert (hf_logits(dequantized, IDS) - reference).abs().max() <= 1e-3
     # merging into the 16-bit weights instead gives a visibly different model
     assert (hf_logits(original, IDS) - reference).abs().max() > 1e-2
+
+
+# bitsandbytes' bf16 CPU inference path exists only on CPUs with AVX512-BF16 / AMX.
+BNB_CPU_PATHS = [False] + ([True] if _cpu_has_native_bf16() else [])
+
+
+@pytest.mark.parametrize("bnb_cpu_inference", BNB_CPU_PATHS, ids=lambda on: "bnb-bf16-kernel" if on else "fp32")
+def test_nf4_reference_on_the_cpu_kernel_this_machine_has(run_nf4, tmp_path, bnb_cpu_inference):
+    """The f32 export against peft on NF4 through each CPU path of bitsandbytes this machine
+    has: fp32 dequantise-and-matmul everywhere (1e-3), and on CPUs with native bf16 also
+    its bf16 inference kernel, which is what generate uses there: documented bound 5e-2
+    (bf16 carries ~3 significant digits on logits of |x| < 10; 0.015 seen on a Xeon)."""
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.export.run_folder import read_run
+
+    exported = hf_logits(export_hf(read_run(run_nf4), tmp_path / "deq", dtype="f32"), IDS)
+    reference = peft_logits(run_nf4, IDS, nf4=True, bnb_cpu_inference=bnb_cpu_inference)
+    assert (exported - reference).abs().max() <= (5e-2 if bnb_cpu_inference else 1e-3)
 
 
 def test_hf_export_f16_sharded(run_none, tmp_path):

@@ -158,11 +158,11 @@ def nan_at(calls_to_poison):
     real = train_module._forward_backward
     count = {"n": 0}
 
-    def poisoned(model, batch, weight, autocast):
+    def poisoned(model, batch, weight, *rest):
         count["n"] += 1
         if count["n"] in calls_to_poison:
             weight = weight * float("nan")
-        return real(model, batch, weight, autocast)
+        return real(model, batch, weight, *rest)
 
     return poisoned
 
@@ -202,7 +202,7 @@ def test_a_non_finite_step_changes_nothing(workdir):
     poisoned = {**batch, "input_ids": x}
     real = train_module._forward_backward
     try:
-        train_module._forward_backward = lambda m, b, w, a: real(m, b, w * float("nan"), a)
+        train_module._forward_backward = lambda m, b, w, *rest: real(m, b, w * float("nan"), *rest)
         loss, _ = _optimizer_step(trainable, [poisoned], 1e-2, 1.0, "cpu", autocast, 2)
     finally:
         train_module._forward_backward = real
@@ -242,13 +242,59 @@ def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(
     args = [str(a) for a in finetune_args(workdir, out, 6)] + ["--save-every", "10"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "CUDA out of memory at step 3" in err and "--batch-size" in err and "--seq-len" in err
-    assert "estimated peak" in err and f"--resume {out}" in err
+    assert "out of memory in the training step of step 3" in err and "--batch-size" in err and "--seq-len" in err
+    assert "estimated peak" in err and f"--resume {out}" in err and "Traceback" not in err
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] == 2
     # It resumes with smaller micro-batches (same examples per step).
     monkeypatch.setattr(train_module, "_forward_backward", real)
     assert main(["finetune", "--resume", str(out), "--batch-size", "2", "--grad-accum", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["batch_size"] == 2
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+], ids=["torch-oom", "cublas-alloc"])
+def test_out_of_memory_in_evaluation_keeps_the_step_and_its_checkpoint(workdir, monkeypatch, capsys, error):
+    """The evaluation of step 4 runs out of memory: step 4 is logged and checkpointed (no
+    checkpoint was due), one line says so, and the run resumes to the end."""
+    real = train_module.evaluate
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_module, "evaluate", fails)
+    out = workdir / f"oom-eval-{type(error).__name__}"
+    args = [str(a) for a in finetune_args(workdir, out, 6)] + ["--save-every", "10", "--eval-every", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("l1ra-lite finetune: error:") and "out of memory in the evaluation of step 4" in err
+    assert f"--resume {out}" in err
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    monkeypatch.setattr(train_module, "evaluate", real)
+    assert main(["finetune", "--resume", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_only_allocation_failures_count_as_out_of_memory():
+    assert train_module.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert train_module.is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not train_module.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not train_module.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_out_of_memory_while_loading_is_one_line(workdir, monkeypatch, capsys):
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(train_module, "load_model", no_room)
+    args = [str(a) for a in finetune_args(workdir, workdir / "oom-load", 2)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("l1ra-lite finetune: error: out of memory while loading")
+    assert not any("Traceback" in line for line in err)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, monkeypatch):

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--method", "l1ra (default), or stock peft lora / adalora at the same total rank",
         choices=("l1ra", "lora", "adalora"))
     opt("--quant", "nf4 (default: 4-bit base) or none (16-bit base)", choices=("nf4", "none"))
+    opt("--dtype", "compute dtype: auto (default: bf16 where the hardware has it natively; else fp16 with "
+        "loss scaling on older CUDA cards, fp32 on CPUs), bf16, fp16 or fp32",
+        choices=("auto", "bf16", "fp16", "fp32"))
     opt("--target-modules", "comma-separated module names to adapt (default: every linear layer of the "
         "decoder blocks)")
     flag("--trust-remote-code", "allow the model's own Python code from the hub (off by default)")
@@ -230,15 +233,24 @@ def announce_embedded_conversion(model: Optional[str]) -> None:
 
 def out_of_memory_advice(config, err, run_dir: Path) -> str:
     """One line: what ran out, the estimate for these settings, what to lower, how to resume."""
+    from l1ra_lite.models import default_device
+    from l1ra_lite.train import free_memory_note
+
     try:
         from l1ra_lite.estimate import estimate_for_config
 
         estimated = f"estimated peak {estimate_for_config(config).total_gib:.1f} GiB; "
     except Exception:  # the advice must not fail because the estimate could not be made
         estimated = ""
-    saved = (f"checkpoint of step {err.saved_step} kept: continue with l1ra-lite finetune --resume {run_dir} "
-             "--batch-size N --grad-accum M (same product)" if err.saved_step else "no checkpoint was due yet")
-    return (f"CUDA out of memory at step {err.step + 1} with batch size {config.batch_size}, seq len "
-            f"{config.seq_len}, budget {config.budget} ({estimated}lower --batch-size (raise --grad-accum "
-            f"to keep the effective batch), --seq-len or --budget, or use a smaller recipe: l1ra-lite recipes); "
-            f"{saved}")
+    free = free_memory_note(default_device())
+    lower = ("lower --batch-size (raise --grad-accum to keep the effective batch), --seq-len or --budget, "
+             "or use a smaller recipe: l1ra-lite recipes")
+    if err.saved_step:
+        resume = (f"checkpoint of step {err.saved_step} kept: continue with l1ra-lite finetune --resume {run_dir} "
+                  "--batch-size N --grad-accum M (same product; only the batch split and the eval/save/log "
+                  "intervals can change on resume)")
+    else:
+        resume = "no checkpoint was due yet: start again with lower settings"
+    return (f"out of memory in the {err.phase} of step {err.step}{free} with batch size {config.batch_size}, "
+            f"seq len {config.seq_len}, budget {config.budget} ({estimated}{lower}); {resume}")
+
