@@ -19,7 +19,9 @@ Row formats, recognised from the fields of each row:
     prompt_completion  {"prompt": ..., "completion": ...}
     text               {"text": ...}
 The first three go through the tokenizer's chat template and are trained on the
-assistant turns only; plain text is trained on every token.
+assistant turns only; plain text is trained on every token. Every example starts with
+the tokenizer's BOS token exactly when the tokenizer itself puts one in front of text
+(Llama, Mistral: yes; SmolLM2, Qwen: no), and BOS is never a label.
 """
 
 from __future__ import annotations
@@ -427,9 +429,49 @@ def encode_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[str]]:
         except BadRow as err:
             problems.append(f"{row.get('where', f'row {index + 1}')}: {err}")
     # one batched tokenizer call per kind: the fast tokenizers run these in parallel
-    by_index = dict(zip([i for i, _, _ in chats], _tokenize_chats(tokenizer, chats)))
-    by_index.update(zip([i for i, _ in texts], _tokenize_texts(tokenizer, [t for _, t in texts])))
+    bos = leading_bos_id(tokenizer)
+    chat_examples = [_starting_with_bos(e, bos) for e in _tokenize_chats(tokenizer, chats)]
+    by_index = dict(zip([i for i, _, _ in chats], chat_examples))
+    by_index.update(zip([i for i, _ in texts], _tokenize_texts(tokenizer, [t for _, t in texts], bos)))
     return [by_index[i] for i in sorted(by_index)], problems
+
+
+def leading_bos_id(tokenizer) -> Optional[int]:
+    """The BOS id the tokenizer puts in front of any text by itself, or None.
+
+    Asked of the tokenizer's behaviour, not its files (add_bos_token, a post-processor
+    template, a slow tokenizer's build_inputs_with_special_tokens all say it): the same
+    probe the GGUF export writes as tokenizer.ggml.add_bos_token (export/gguf_vocab.py),
+    so training and llama.cpp agree by construction.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _starting_with_bos(example: dict, bos: Optional[int]) -> dict:
+    """A chat example with the tokenizer's BOS in front, unless the template wrote it.
+
+    Why at tokenisation and not (only) in the chat template: the rendered text is
+    tokenised without special tokens, since with them a template that writes bos_token
+    itself (Llama 3 instruct) would get a second BOS; and a template cannot tell whether
+    its tokenizer adds BOS (it sees bos_token, not add_bos: SmolLM2 has a bos_token and
+    adds none). So base models on the fallback template (models.DEFAULT_CHAT_TEMPLATE,
+    no BOS) trained without BOS while llama.cpp, told add_bos_token by the GGUF export,
+    prepends one. Fixed here, it holds for every template (the fallback, a model's own,
+    a user's) and is llama.cpp's rule: BOS when add_bos, and then a leading BOS written
+    by the template is dropped, so there is exactly one. Inference that adds nothing on
+    top of the template (transformers' apply_chat_template(tokenize=True), used by
+    `l1ra-lite generate`; vLLM's chat API) sees BOS only if the template writes it, so
+    the fallback template should write bos_token where the tokenizer adds one; this
+    function then leaves the example as it is. BOS is never learned: inference never
+    asks the model to generate it.
+    """
+    if bos is None or example["input_ids"][:1] == [bos]:
+        return example
+    return {"input_ids": [bos, *example["input_ids"]], "labels": [IGNORE_INDEX, *example["labels"]]}
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -519,9 +561,11 @@ def _tokenize_by_segments(tokenizer, text: str, spans: list[tuple[int, int]]) ->
     return {"input_ids": ids, "labels": labels}
 
 
-def _tokenize_texts(tokenizer, texts: list[str]) -> list[dict]:
+def _tokenize_texts(tokenizer, texts: list[str], bos: Optional[int]) -> list[dict]:
     """Plain text: the tokenizer's own special tokens (a BOS for many base models), an
-    EOS at the end so the model learns where a document stops, loss on every token."""
+    EOS at the end so the model learns where a document stops, loss on every token but
+    the leading BOS (`bos`, from leading_bos_id): packed, it would sit mid-sequence and
+    teach the model to generate BOS after EOS, which inference never asks of it."""
     if not texts:
         return []
     eos = tokenizer.eos_token_id
@@ -530,7 +574,10 @@ def _tokenize_texts(tokenizer, texts: list[str]) -> list[dict]:
         ids = list(ids)
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        examples.append({"input_ids": ids, "labels": list(ids)})
+        labels = list(ids)
+        if bos is not None and ids[:1] == [bos]:
+            labels[0] = IGNORE_INDEX
+        examples.append({"input_ids": ids, "labels": labels})
     return examples
 
 

@@ -239,6 +239,191 @@ def test_chat_rows_need_a_chat_template(tmp_path):
 
 
 # ---------------------------------------------------------------------------------
+# Beginning of sequence (BOS)
+
+BOS = "<|begin_of_text|>"
+LLAMA3_STYLE_TEMPLATE = "{{ bos_token }}" + SMOLLM2_TEMPLATE  # a template that writes BOS itself
+CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome, today."},
+]
+EVERY_ROW_KIND = [
+    {"format": "chat", "messages": CONVERSATION},
+    {"format": "instruction", "messages": [{"role": "user", "content": "Translate.\n\nhello"},
+                                           {"role": "assistant", "content": "bonjour"}]},
+    {"format": "prompt_completion", "messages": [{"role": "user", "content": "2+2?"},
+                                                 {"role": "assistant", "content": " Four"}]},
+    {"format": "text", "text": "hello world"},
+]
+ANSWERS = [["The capital of France is Paris." + EOS, "Rome, today." + EOS], ["bonjour" + EOS], [" Four" + EOS],
+           ["hello world" + EOS]]
+
+
+def build_bos_tokenizer(template=None):
+    """Like Llama 3.1 base: a tokenizer that puts BOS in front of every text it encodes."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer().backend_tokenizer, bos_token=BOS,
+                                        eos_token=EOS, pad_token="<|endoftext|>", add_bos_token=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_tok(tmp_path_factory):
+    """A BOS-adding base model tokenizer without a chat template, loaded the way
+    finetune loads it (so it gets the fallback template, models.DEFAULT_CHAT_TEMPLATE)."""
+    from l1ra_lite.models import ModelSource, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("base-tokenizer")
+    build_bos_tokenizer().save_pretrained(folder)
+    tokenizer = load_tokenizer(ModelSource(name="base", path=str(folder)))
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # the premise: it adds BOS
+    return tokenizer
+
+
+def rendered(tokenizer, row):
+    if row["format"] == "text":
+        return row["text"]
+    return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+
+
+def test_every_row_kind_starts_with_one_unlearned_bos_when_the_tokenizer_adds_one(base_tok):
+    bos = base_tok.bos_token_id
+    examples, problems = encode_rows(EVERY_ROW_KIND, base_tok)
+    assert problems == [] and len(examples) == 4
+    for row, example, answers in zip(EVERY_ROW_KIND, examples, ANSWERS):
+        ids, labels = example["input_ids"], example["labels"]
+        assert ids[0] == bos and ids.count(bos) == 1, row["format"]
+        assert labels[0] == IGNORE_INDEX and bos not in labels
+        # exactly what the tokenizer makes of the text with its own special tokens (plus
+        # the document's EOS for plain text); a BOS the template may write is not doubled
+        text = rendered(base_tok, row)
+        text = text[len(BOS):] if text.startswith(BOS) else text
+        expected = base_tok(text)["input_ids"]
+        assert ids == expected + ([base_tok.eos_token_id] if row["format"] == "text" else [])
+        assert labelled_runs(base_tok, example) == answers
+
+
+def test_template_that_writes_bos_gets_no_second_one():
+    # Llama 3 instruct: the tokenizer adds BOS and the template writes bos_token too.
+    tokenizer = build_bos_tokenizer(LLAMA3_STYLE_TEMPLATE)
+    (example,), _ = encode_rows([{"format": "chat", "messages": CONVERSATION}], tokenizer)
+    assert tokenizer.convert_ids_to_tokens(example["input_ids"][:2]) == [BOS, "<|im_start|>"]
+    assert example["input_ids"].count(tokenizer.bos_token_id) == 1 and example["labels"][0] == IGNORE_INDEX
+    assert labelled_runs(tokenizer, example) == ANSWERS[0]
+
+
+def build_gpt2_style_tokenizer():
+    """Like GPT-2 or SmolLM2 base: a bos_token (<|endoftext|>) that the tokenizer never adds."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer().backend_tokenizer,
+                                        bos_token="<|endoftext|>", eos_token=EOS, pad_token="<|endoftext|>")
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("make", [build_tokenizer, build_gpt2_style_tokenizer], ids=["smollm2-style", "gpt2-style"])
+def test_tokenizer_that_adds_no_bos_gets_none(make):
+    # Both have a bos_token (<|im_start|> as SmolLM2's; <|endoftext|>) but never prepend it.
+    tokenizer = make()
+    assert data.leading_bos_id(tokenizer) is None
+    examples, _ = encode_rows(EVERY_ROW_KIND, tokenizer)
+    for row, example, answers in zip(EVERY_ROW_KIND, examples, ANSWERS):
+        text_ids = tokenizer(rendered(tokenizer, row), add_special_tokens=False)["input_ids"]
+        assert example["input_ids"] == text_ids + ([tokenizer.eos_token_id] if row["format"] == "text" else [])
+        assert labelled_runs(tokenizer, example) == answers
+    assert examples[-1]["labels"] == examples[-1]["input_ids"]  # plain text: every token learned
+
+
+def test_smollm2_tokenizer_gets_no_bos():
+    # The embedded default's own tokenizer and template: unchanged by the BOS rule.
+    from transformers import AutoTokenizer
+
+    from l1ra_lite.models import embedded_gguf_path
+
+    gguf_file = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    assert data.leading_bos_id(tokenizer) is None
+    (example,), _ = encode_rows([{"format": "chat", "messages": CONVERSATION}], tokenizer)
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert example["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(example["input_ids"][:2]) == ["<|im_start|>", "system"]
+
+
+def test_bos_is_the_same_without_character_offsets(base_tok):
+    class NoOffsets(type(base_tok)):
+        is_fast = False  # take the piece-by-piece path
+
+    slow = NoOffsets(tokenizer_object=base_tok.backend_tokenizer, bos_token=BOS, eos_token=EOS,
+                     pad_token="<|endoftext|>", add_bos_token=True)
+    slow.chat_template = base_tok.chat_template
+    examples, _ = encode_rows(EVERY_ROW_KIND, slow)
+    assert examples == encode_rows(EVERY_ROW_KIND, base_tok)[0]
+    assert examples[0]["input_ids"][0] == base_tok.bos_token_id
+
+
+def test_packed_stream_keeps_one_unlearned_bos_per_example(base_tok, tmp_path):
+    rows = [{"text": f"hello world {i}"} if i % 4 == 1 else {"instruction": f"Question {i}?", "output": f"Answer {i}."}
+            for i in range(16)]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    plain = prepare_data(path, base_tok, 64, False, 0.0, 0, seed=0)
+    packed = prepare_data(path, base_tok, 64, True, 0.0, 0, seed=0)
+    bos, eos = base_tok.bos_token_id, base_tok.eos_token_id
+    stream, starts = [], []
+    for example in plain.train:
+        starts.append(len(stream))
+        stream += example["input_ids"]
+        if stream[-1] != eos:
+            stream.append(eos)
+    ids = [t for c in packed.train for t in c["input_ids"]]
+    labels = [t for c in packed.train for t in c["labels"]]
+    assert ids == stream[: len(ids)] and len(packed.train) == 4
+    # each example (plain text ones too) begins with its BOS, right after the EOS that
+    # ends the one before, and no BOS is learned
+    in_chunks = [i for i in starts if i < len(ids)]
+    assert [i for i, t in enumerate(ids) if t == bos] == in_chunks and len(in_chunks) >= 12
+    assert all(ids[i - 1] == eos for i in in_chunks[1:])
+    assert bos not in labels and all(labels[i] == IGNORE_INDEX for i in in_chunks)
+
+
+def test_training_and_the_gguf_export_agree_on_bos(base_tok, tmp_path):
+    """What llama.cpp feeds a model exported by `export --format gguf` for a conversation
+    is what training fed it: llama.cpp renders the chat template, drops a leading BOS the
+    template wrote when the file says add_bos_token, then tokenises with BOS if add_bos."""
+    import gguf
+
+    from l1ra_lite.export.gguf_vocab import add_vocab
+
+    cases = {"adds BOS, fallback template": base_tok,
+             "adds BOS, template writes it": build_bos_tokenizer(LLAMA3_STYLE_TEMPLATE),
+             "no BOS": build_gpt2_style_tokenizer()}
+    for name, tokenizer in cases.items():
+        folder = tmp_path / name.replace(" ", "-").replace(",", "")
+        tokenizer.save_pretrained(folder)
+        path = folder / "vocab.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        add_vocab(writer, folder, len(tokenizer))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        fields = gguf.GGUFReader(path).fields
+        add_bos = bool(fields["tokenizer.ggml.add_bos_token"].contents())
+        assert add_bos == (name != "no BOS"), name
+        text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+        if add_bos and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]
+        bos_id = fields["tokenizer.ggml.bos_token_id"].contents()
+        inference = [bos_id] * add_bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+        (example,), _ = encode_rows([{"format": "chat", "messages": CONVERSATION}], tokenizer)
+        assert example["input_ids"] == inference, name
+
+
+# ---------------------------------------------------------------------------------
 # Truncation and packing
 
 

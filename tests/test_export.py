@@ -529,3 +529,25 @@ def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):
     assert cli_main(["export", str(run), "--format", "gguf", "--overwrite"]) == 2
     assert target.read_bytes() == b"old"
     assert not list(run.glob(".*partial*"))
+
+
+def test_unfinished_run_advice_is_a_finetune_command_that_resumes_that_run(tmp_path):
+    # The advice once named `finetune --output`, which starts a new run (or refuses the
+    # existing folder); parsing it with the real CLI parser keeps it from drifting again.
+    import re
+    import shlex
+
+    from l1ra_lite.cli import build_parser
+    from l1ra_lite.export.run_folder import read_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(UserError) as caught:
+        read_run(run_dir)
+    commands = re.findall(r"`([^`]+)`", str(caught.value))
+    assert len(commands) == 1, str(caught.value)
+    words = shlex.split(commands[0])
+    assert words[:2] == ["l1ra-lite", "finetune"]
+    args = build_parser().parse_args(words[1:])  # an unknown flag or a missing value exits here
+    assert args.command == "finetune" and args.resume == str(run_dir)

@@ -57,7 +57,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(
             f"{run_dir} is not a finished run: it has no adapter/ (training did not finish; "
-            "resume it with `l1ra-lite finetune --output` on the same folder)"
+            f"resume it with `l1ra-lite finetune --resume {run_dir}`)"
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
