@@ -5,8 +5,8 @@ hand. This script checks that count against the product's own code. It builds a
 recipe's model with fake tensors (torch's FakeTensorMode: shapes, dtypes and devices,
 no data, no arithmetic), quantises the decoder's linear layers to NF4 through
 bitsandbytes' own shape functions, attaches adapters and optimiser as the training loop
-does (`l1ra_lite.train.attach_adapters`), and runs two of the loop's optimiser steps
-(`l1ra_lite.train._optimizer_step`: bf16 autocast, checkpointed decoder, chunked loss,
+does (`l1ra_lite.methods.attach_method`), and runs two of the loop's optimiser steps
+(`l1ra_lite.train.optimizer_step`: bf16 autocast, checkpointed decoder, chunked loss,
 backward, clipping, the L1RA step). A dispatch mode counts the bytes of every tensor
 storage from its allocation to its release; the high-water mark is the traced peak,
 the figure to set beside the estimate's `allocated_bytes` (what
@@ -43,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -83,7 +83,10 @@ class StorageBytes(TorchDispatchMode):
         fake = bool(args) and isinstance(args[0], FakeTensor)  # real tensors get real answers
         if fake and func is aten._local_scalar_dense.default:  # .item(), int(), float()
             return True if args[0].dtype == torch.bool else 1
-        if fake and func is aten.index.Tensor and _bool_index(args[1]):  # x[mask], every position labelled
+        if fake and func is aten.nonzero.default:  # every position labelled
+            grids = torch.meshgrid(*[torch.arange(n, device=args[0].device) for n in args[0].shape], indexing="ij")
+            out = torch.stack([grid.reshape(-1) for grid in grids], dim=1)
+        elif fake and func is aten.index.Tensor and _bool_index(args[1]):  # x[mask], every position labelled
             x, (mask,) = args[0], args[1]
             out = torch.empty((mask.numel(), *x.shape[mask.dim():]), dtype=x.dtype, device=x.device)
         elif fake and func in (aten.index_put.default, aten._index_put_impl_.default, aten.index_put_.default) \
@@ -189,7 +192,8 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
     import bitsandbytes.functional as bnb_f
 
     from l1ra_lite.estimate import estimate_for_config, resolve_model_config
-    from l1ra_lite.train import _optimizer_step, attach_adapters, plan_schedule
+    from l1ra_lite.methods import attach_method
+    from l1ra_lite.train import optimizer_step, plan_schedule
 
     est = estimate_for_config(config)
     model_config = resolve_model_config(config.model, config.trust_remote_code)
@@ -200,22 +204,23 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = fake_model(model_config, config.quant)
         with _modules_stay_where_made():
-            trainable = attach_adapters(model, config, plan_schedule(config, n_train_examples=1000))
+            method = attach_method(model, config, plan_schedule(config, n_train_examples=1000))
         model.train()
         counter = StorageBytes()
         for tensor in [*model.parameters(), *model.buffers(), *_quant_state_tensors(model)]:
             counter.add(tensor)
         resident = counter.current
         vocab = model.get_output_embeddings().weight.shape[0]
-        ids = torch.randint(0, vocab, (config.batch_size, config.seq_len))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        with unset_fake_temporarily():  # a real batch, as the loop gets it from the CPU
+            ids = torch.randint(0, vocab, (config.batch_size, config.seq_len))
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         for tensor in batch.values():
             counter.add(tensor)
         micro_batches = [batch] * min(config.grad_accum, 2)  # the second sees the first's gradients
         after_steps = []
         with counter:
             for step in range(1, steps + 1):
-                _optimizer_step(trainable, micro_batches, config.lr, config.max_grad_norm, "cpu", autocast, step)
+                optimizer_step(method, micro_batches, config.lr, config.max_grad_norm, "cpu", autocast, step)
                 after_steps.append(counter.current)
     return {
         "model": config.model,

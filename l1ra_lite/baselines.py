@@ -7,9 +7,13 @@ peft recommends; its own `update_and_allocate` moves the rank by masking.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
+
+from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
 
 
 def peft_lora(model, paths: list[str], ranks: list[int], alpha: float, dropout: float):
@@ -55,14 +59,14 @@ def peft_adalora(model, paths: list[str], budget: int, alpha: float, dropout: fl
     return get_peft_model(model, config)
 
 
-def peft_ranks(model, method: str) -> dict[str, int]:
-    """Current rank per adapted module path (AdaLoRA: the unmasked singular values)."""
+def peft_ranks(model) -> dict[str, int]:
+    """Current rank per adapted module path (AdaLoRA: the singular values not masked)."""
     ranks = {}
     prefix = "base_model.model."
     for name, module in model.named_modules():
-        if method == "adalora" and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+        if "default" in getattr(module, "lora_E", {}):
             ranks[name.removeprefix(prefix)] = int((module.lora_E["default"] != 0).sum())
-        elif method == "lora" and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        elif "default" in getattr(module, "lora_A", {}):
             ranks[name.removeprefix(prefix)] = module.lora_A["default"].weight.shape[0]
     return ranks
 
@@ -84,3 +88,84 @@ def load_adalora_allocator_state(model, tensors: dict[str, Any]) -> None:
         if key.startswith("adalora."):
             _, kind, name = key.split(".", 2)
             getattr(allocator, kind)[name] = value.to(device)
+
+
+# ------------------------------------------------------------------ the methods' hooks
+# The same hooks as l1ra_lite.l1ra.method.L1RAMethod (see l1ra_lite.methods.AdapterMethod).
+
+
+@dataclass
+class PeftLoRA:
+    """Stock peft LoRA, trained with torch's AdamW."""
+
+    model: Any  # the PeftModel
+    optimizer: torch.optim.Optimizer
+    rank_state: RankState
+    alpha: float
+
+    moves_rank = False
+
+    @classmethod
+    def attach(cls, model, paths: list[str], ranks: list[int], alpha: float, dropout: float, lr: float,
+               weight_decay: float) -> "PeftLoRA":
+        model = peft_lora(model, paths, ranks, alpha, dropout)
+        return cls(model, _adamw(model, lr, weight_decay), RankState(sum(ranks), peft_ranks(model)), alpha)
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def reallocate(self, step: int) -> Optional[ReallocationRecord]:
+        return None
+
+    def current_ranks(self) -> dict[str, int]:
+        return peft_ranks(self.model)
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        pass
+
+    def extra_state_bytes(self) -> int:
+        return 0
+
+    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
+                     tokenizer) -> None:
+        self.model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+
+@dataclass
+class PeftAdaLoRA(PeftLoRA):
+    """Stock peft AdaLoRA: its own `update_and_allocate` masks singular values after each
+    optimiser step; its importance scores are training state and are checkpointed."""
+
+    moves_rank = True
+
+    @classmethod
+    def attach(cls, model, paths: list[str], budget: int, alpha: float, dropout: float, lr: float,
+               weight_decay: float, total_steps: int, warmup_steps: int, update_every: int) -> "PeftAdaLoRA":
+        model = peft_adalora(model, paths, budget, alpha, dropout, total_steps, warmup_steps, update_every)
+        final_total = adalora_target_rank(budget, len(paths)) * len(paths)  # the total AdaLoRA ends at
+        return cls(model, _adamw(model, lr, weight_decay), RankState(final_total, peft_ranks(model)), alpha)
+
+    def after_optimizer_step(self, step: int) -> None:
+        # peft: after the optimiser step, before the gradients are zeroed (it reads them).
+        self.model.base_model.update_and_allocate(step)
+        self.rank_state.ranks = self.current_ranks()
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return adalora_allocator_state(self.model), {
+            "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        load_adalora_allocator_state(self.model, tensors)
+        self.model.peft_config["default"].rank_pattern = state.get("adalora_rank_pattern")
+
+    def extra_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in adalora_allocator_state(self.model).values())
+
+
+def _adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from l1ra_lite.atomic import write_json_atomic
 from l1ra_lite.errors import UserError
 
 LATEST = "latest"
@@ -80,16 +81,6 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to `path`, flush it, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int) -> Path:

@@ -79,6 +79,13 @@ def steps_from(value: float, total_steps: int) -> int:
     return int(value)
 
 
+def resolve_l1_lambda(config: FinetuneConfig, total_steps: int) -> float:
+    """'auto': the penalty follows the run length, lambda = kappa / (eta_c * steps)."""
+    if config.l1_lambda == "auto":
+        return config.l1_kappa / (config.eta_c * total_steps)
+    return float(config.l1_lambda)
+
+
 def find_recipe(name_or_path: str) -> Path:
     """A path to a TOML file, or the name of one shipped in the package's recipes/."""
     path = Path(name_or_path)

@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters
-from l1ra_lite.train import Trainable, _optimizer_step, reset_peak_memory, run_dtype, memory_stats
+from l1ra_lite.l1ra.method import L1RAMethod
+from l1ra_lite.train import memory_stats, optimizer_step, reset_peak_memory, run_dtype
 from tests.test_finetune import adapter_tensors, run, run_with_a_stop, tiny_config, workdir  # noqa: F401
 from tests.tiny import tiny_llama
 
@@ -47,16 +48,16 @@ def test_fp16_runs_resume_exactly_with_their_loss_scale(workdir):
 def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale_without_counting_as_a_fault():
     model = tiny_llama(0)
     adapters = inject_adapters(model, budget=14)
-    trainable = Trainable("l1ra", model, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), adapters, 1.0)
+    trainable = L1RAMethod(model, adapters, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), 1.0, 0)
     x = torch.randint(0, 100, (2, 8))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
     autocast = {"device_type": "cpu", "dtype": torch.float16, "enabled": True}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # overflows fp16 gradients
-    before = {n: p.detach().clone() for n, p in trainable.named_trainable().items()}
-    loss, grad_norm = _optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1, scaler)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss, grad_norm = optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1, scaler)
     assert loss is not None and grad_norm == float("inf")
     assert scaler.get_scale() < 2.0 ** 60
-    assert all(torch.equal(p, before[n]) for n, p in trainable.named_trainable().items())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 class HostReads(TorchDispatchMode):
@@ -79,14 +80,14 @@ class HostReads(TorchDispatchMode):
 def test_an_optimizer_step_reads_from_the_device_once_whatever_the_accumulation():
     model = tiny_llama(0)
     adapters = inject_adapters(model, budget=14)
-    trainable = Trainable("l1ra", model, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), adapters, 1.0)
+    trainable = L1RAMethod(model, adapters, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), 1.0, 0)
     x = torch.randint(0, 100, (2, 8))
     labels = x.clone()
     labels[:, :3] = -100  # answer-only labels: the loss gathers the labelled positions
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
     autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
     with HostReads() as counter:
-        loss, grad_norm = _optimizer_step(trainable, [batch] * 3, 1e-2, 1.0, "cpu", autocast, 1)
+        loss, grad_norm = optimizer_step(trainable, [batch] * 3, 1e-2, 1.0, "cpu", autocast, 1)
     # The loss and grad norm come back in one .tolist() (not dispatched as a scalar read).
     assert counter.reads == [] and loss > 0 and grad_norm > 0
 

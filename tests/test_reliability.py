@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError
 
 from l1ra_lite import checkpoint as ckpt
-from l1ra_lite import train as train_module
+from l1ra_lite.train import loop as train_loop
+from l1ra_lite.train import step as train_step
 from l1ra_lite.cli import main
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
@@ -155,7 +156,7 @@ def test_sigkill_of_a_training_run_then_resume_finishes_it(workdir):
 
 def nan_at(calls_to_poison):
     """Wrap the micro-step so that chosen calls give a NaN loss and NaN gradients."""
-    real = train_module._forward_backward
+    real = train_step.forward_backward
     count = {"n": 0}
 
     def poisoned(model, batch, weight, *rest):
@@ -169,7 +170,7 @@ def nan_at(calls_to_poison):
 
 def test_a_nan_step_is_skipped_and_counted_and_never_reaches_the_gates(workdir, monkeypatch):
     events = []
-    monkeypatch.setattr(train_module, "_forward_backward", nan_at({3}))
+    monkeypatch.setattr(train_step, "forward_backward", nan_at({3}))
     run_dir = workdir / "nan-once"
     run_dir.mkdir()
     train(config(workdir), run_dir, events.append, device="cpu")
@@ -187,34 +188,35 @@ def test_a_nan_step_is_skipped_and_counted_and_never_reaches_the_gates(workdir, 
 
 def test_a_non_finite_step_changes_nothing(workdir):
     from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters
-    from l1ra_lite.train import Trainable, _optimizer_step
+    from l1ra_lite.l1ra.method import L1RAMethod
+    from l1ra_lite.train import optimizer_step
     from tests.tiny import tiny_llama
 
     model = tiny_llama(0)
     adapters = inject_adapters(model, budget=14)
-    trainable = Trainable("l1ra", model, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), adapters, 1.0)
+    trainable = L1RAMethod(model, adapters, L1RAOptimizer(adapters.values(), lr=1e-2), RankState(14, {}), 1.0, 0)
     x = torch.randint(0, 100, (2, 8))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
     autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
-    assert _optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1)[0] is not None
-    before = {n: p.detach().clone() for n, p in trainable.named_trainable().items()}
+    assert optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1)[0] is not None
+    before = {n: p.detach().clone() for n, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad)}
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainable.optimizer.state.items()}
     poisoned = {**batch, "input_ids": x}
-    real = train_module._forward_backward
+    real = train_step.forward_backward
     try:
-        train_module._forward_backward = lambda m, b, w, *rest: real(m, b, w * float("nan"), *rest)
-        loss, _ = _optimizer_step(trainable, [poisoned], 1e-2, 1.0, "cpu", autocast, 2)
+        train_step.forward_backward = lambda m, b, w, *rest: real(m, b, w * float("nan"), *rest)
+        loss, _ = optimizer_step(trainable, [poisoned], 1e-2, 1.0, "cpu", autocast, 2)
     finally:
-        train_module._forward_backward = real
+        train_step.forward_backward = real
     assert loss is None
-    for name, param in trainable.named_trainable().items():
+    for name, param in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
         assert torch.equal(param, before[name]) and param.grad is None
     for p, s in trainable.optimizer.state.items():
         assert all(torch.equal(v, moments[id(p)][k]) for k, v in s.items())
 
 
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(workdir, monkeypatch):
-    monkeypatch.setattr(train_module, "_forward_backward", nan_at(set(range(3, 100))))
+    monkeypatch.setattr(train_step, "forward_backward", nan_at(set(range(3, 100))))
     run_dir = workdir / "nan-always"
     run_dir.mkdir()
     with pytest.raises(Diverged, match="not finite for 3 steps in a row"):
@@ -228,7 +230,7 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(workd
 
 
 def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(workdir, monkeypatch, capsys):
-    real = train_module._forward_backward
+    real = train_step.forward_backward
     calls = {"n": 0}
 
     def fails_on_third(*args):
@@ -237,7 +239,7 @@ def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args)
 
-    monkeypatch.setattr(train_module, "_forward_backward", fails_on_third)
+    monkeypatch.setattr(train_step, "forward_backward", fails_on_third)
     out = workdir / "oom"
     args = [str(a) for a in finetune_args(workdir, out, 6)] + ["--save-every", "10"]
     assert main(args) == 2
@@ -246,7 +248,7 @@ def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(
     assert "estimated peak" in err and f"--resume {out}" in err and "Traceback" not in err
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] == 2
     # It resumes with smaller micro-batches (same examples per step).
-    monkeypatch.setattr(train_module, "_forward_backward", real)
+    monkeypatch.setattr(train_step, "forward_backward", real)
     assert main(["finetune", "--resume", str(out), "--batch-size", "2", "--grad-accum", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["batch_size"] == 2
 
@@ -258,12 +260,12 @@ def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(
 def test_out_of_memory_in_evaluation_keeps_the_step_and_its_checkpoint(workdir, monkeypatch, capsys, error):
     """The evaluation of step 4 runs out of memory: step 4 is logged and checkpointed (no
     checkpoint was due), one line says so, and the run resumes to the end."""
-    real = train_module.evaluate
+    real = train_step.evaluate
 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(train_module, "evaluate", fails)
+    monkeypatch.setattr(train_step, "evaluate", fails)
     out = workdir / f"oom-eval-{type(error).__name__}"
     args = [str(a) for a in finetune_args(workdir, out, 6)] + ["--save-every", "10", "--eval-every", "4"]
     assert main(args) == 2
@@ -273,23 +275,23 @@ def test_out_of_memory_in_evaluation_keeps_the_step_and_its_checkpoint(workdir, 
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] == 4
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    monkeypatch.setattr(train_module, "evaluate", real)
+    monkeypatch.setattr(train_step, "evaluate", real)
     assert main(["finetune", "--resume", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_only_allocation_failures_count_as_out_of_memory():
-    assert train_module.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
-    assert train_module.is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
-    assert not train_module.is_out_of_memory(RuntimeError("shape mismatch"))
-    assert not train_module.is_out_of_memory(ValueError("out of memory"))
+    assert train_loop.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert train_loop.is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not train_loop.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not train_loop.is_out_of_memory(ValueError("out of memory"))
 
 
 def test_out_of_memory_while_loading_is_one_line(workdir, monkeypatch, capsys):
     def no_room(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-    monkeypatch.setattr(train_module, "load_model", no_room)
+    monkeypatch.setattr(train_loop, "load_model", no_room)
     args = [str(a) for a in finetune_args(workdir, workdir / "oom-load", 2)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
