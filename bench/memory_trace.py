@@ -116,7 +116,7 @@ def fake_model(model_config, quant: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     from bench.gpu_bench import replace_submodule
-    from l1ra_lite.models import _enable_checkpointing
+    from l1ra_lite.models import enable_checkpointing
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
@@ -135,7 +135,7 @@ def fake_model(model_config, quant: str, dtype: torch.dtype = torch.bfloat16):
         param.requires_grad_(False)
     model.is_loaded_in_4bit = quant == "nf4"  # what transformers' bnb quantiser sets; peft reads it
     model.config.use_cache = False
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     return model
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from l1ra_lite.errors import UserError
+from l1ra_lite.models import DTYPE_CHOICES, QUANT_CHOICES  # a light import: torch loads inside its functions
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -64,7 +65,8 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {"method": ("l1ra", "lora", "adalora"), "quant": ("nf4", "none"), "dtype": ("auto", "bf16", "fp16", "fp32")}
+METHOD_CHOICES = ("l1ra", "lora", "adalora")  # l1ra_lite.methods.METHODS has one entry each
+CHOICES = {"method": METHOD_CHOICES, "quant": QUANT_CHOICES, "dtype": DTYPE_CHOICES}
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 

@@ -8,7 +8,7 @@ parameters of every linear layer. The peak of a training step is the sum of thes
                    one fp32 absmax per 256 of those, the two code books and the offset:
                    ~4.127 bits a weight (0.5 + 0.0158 bytes).
 - weights_16bit    everything left in the compute dtype: embeddings, lm_head (never
-                   quantised), norms, biases.
+                   quantised), norms, biases (4 bytes each with --dtype fp32).
 - adapters         A (r x in), B (out x r) and the gate c (r) in fp32, with their gradients
                    and two AdamW moments (16 bytes a parameter), plus a per-rank step count.
                    Reallocation moves rank between matrices of different sizes, so the
@@ -28,7 +28,14 @@ parameters of every linear layer. The peak of a training step is the sum of thes
                    dequantised 16-bit weight, and, where the loss is not chunked, the
                    16-bit logits the model output still holds.
 - cuda_context     the CUDA context and library handles (not visible to torch's allocator).
-- fragmentation    the caching allocator reserves more than it hands out.
+- fragmentation    the caching allocator reserves more than it hands out: less with
+                   expandable segments (the CLI's default, see
+                   l1ra_lite.models.configure_cuda_allocator) than with fixed segments.
+
+The compute dtype sets the size of what is "16-bit" above: bf16 and fp16 (what "auto"
+picks on any CUDA card) take 2 bytes, fp32 takes 4 for the activations, the logits, the
+16-bit weights and the dequantised weight, while what is fp32 anyway (the log-softmax,
+norm statistics, adapters and their optimiser state) stays as it is.
 
 `Estimate.allocated_bytes` leaves the last two out: it is the figure to compare with
 `torch.cuda.max_memory_allocated()`.
@@ -63,25 +70,39 @@ NF4_CODE_ENTRIES = 16  # fp32 code book of the 4-bit type
 NESTED_CODE_ENTRIES = 256  # fp32 code book of the 8-bit absmax
 CUDA_BLOCK = 512  # torch's caching allocator rounds every allocation up to this
 
-BYTES_16BIT = 2  # compute dtype (bf16 / fp16)
+BYTES_16BIT = 2  # compute dtype bf16 / fp16
+FP32_BYTES = 4
 ADAPTER_BYTES_PER_PARAM = 4 * 4  # fp32 value, gradient, two Adam moments
 RANK_STEP_BYTES = 8  # per-rank step count kept by the optimiser (bias correction)
 # 2 (16-bit logits) + 4 (saved log-softmax) + 4 + 4 (gradients); measured 14.0 for
 # transformers' ForCausalLMLoss while the model output still holds the logits
 LOSS_BYTES_PER_LOGIT = 14
-HELD_LOGITS_BYTES = 2  # the 16-bit logits the model output keeps during the backward pass
 
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)
-FRAGMENTATION = 0.08  # reserved over allocated, as a share of the allocated peak
+# Reserved beyond allocated, as a share of the allocated peak, with the allocator's
+# default fixed-size segments: each cudaMalloc'd segment only serves requests that fit
+# its free blocks, and padded batches change shape every step.
+FRAGMENTATION = 0.08
+# The same with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,
+# which the CLI sets unless the user chose allocator settings). The allocator then keeps
+# one segment per stream and pool and grows it by mapping more physical pages (20 MiB at
+# a time for large blocks), so a freed block merges with its free neighbours and any
+# later request that fits reuses it (PyTorch PR #96995 "Expandable blocks in allocator";
+# PyTorch DevLog "When does fragmentation occur in the CUDA caching allocator?", 2026-06).
+# What stays reserved beyond the peak is the last page's rounding (20 MiB: 0.3% of a
+# 6 GiB peak) and holes between long-lived tensors that a step's transients do not fit.
+# 3% is a guess, as the 8% above is, until bench/gpu.sh measures
+# max_memory_reserved / max_memory_allocated both ways.
+EXPANDABLE_FRAGMENTATION = 0.03
 
 PART_LABELS = {
     "weights_4bit": "base weights, 4-bit NF4 + constants",
-    "weights_16bit": "embeddings, head, norms (16-bit)",
+    "weights_16bit": "embeddings, head, norms (16-bit)",  # part_label names fp32 where it is
     "adapters": "adapters + grads + AdamW (high end)",
     "checkpoints": "checkpointed hidden states",
     "backward_peak": "backward peak",
     "cuda_context": "CUDA context",
-    "fragmentation": f"allocator fragmentation ({FRAGMENTATION:.0%})",
+    "fragmentation": "allocator fragmentation",  # part_label adds the share
 }
 
 # alias -> bundled config file; the instruct models share their base's shapes.
@@ -169,6 +190,9 @@ class Estimate:
             "allocated_bytes": self.allocated_bytes,
             "total_bytes": self.total_bytes,
             "total_gib": round(self.total_gib, 4),
+            "dtype": self.notes.get("dtype"),
+            "expandable_segments": self.notes.get("expandable_segments"),
+            "fragmentation_share": self.notes.get("fragmentation_share"),
         }
 
 
@@ -185,10 +209,8 @@ def resolve_model_config(name: Optional[str], trust_remote_code: bool = False):
 
     None: the embedded default. A folder: its config.json. An alias (or the hub id an
     alias stands for): the config bundled with the package, so no network is needed.
-    Anything else is a hub id, read with AutoConfig (needs the network).
+    Anything else is a hub id: its config from the Hugging Face cache, else from the hub.
     """
-    from transformers import AutoConfig
-
     name = name or DEFAULT_MODEL
     path = Path(name).expanduser()
     if path.is_dir():
@@ -200,13 +222,14 @@ def resolve_model_config(name: Optional[str], trust_remote_code: bool = False):
         return config_from_json(bundled_config_path(alias))
     if looks_like_alias(name):
         name = hub_id(name)  # raises the one-line "unknown model alias" error
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as err:  # network, missing repo, gated repo: all user-facing
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    from l1ra_lite.models import ModelSource, load_config
+
+    try:  # the hub cache first; one quick request, not a minute of retries, when the hub is down
+        return load_config(ModelSource(name, name), trust_remote_code)
+    except UserError as err:
         raise UserError(
-            f"cannot read the config of {name!r} from the hub ({reason}); "
-            f"use an alias ({', '.join(sorted(BUNDLED_CONFIGS))}) or a local folder with config.json"
+            f"cannot read the config of {name!r}: {err}; these aliases need no hub: "
+            f"{', '.join(sorted(BUNDLED_CONFIGS))}"
         ) from None
 
 
@@ -365,10 +388,27 @@ def adapter_range(adapted: list[LinearShape], budget: int) -> tuple[int, int]:
     return low, high
 
 
-def checkpoint_bytes(shape: ModelShape, tokens: int) -> int:
-    """One 16-bit hidden state a layer, plus the final norm (fp32 copy and 16-bit output)."""
-    per_layer = shape.layers * tokens * shape.hidden * BYTES_16BIT
-    final_norm = tokens * shape.hidden * (BYTES_16BIT + 4 + BYTES_16BIT)
+def compute_bytes(dtype: str) -> int:
+    """Bytes of one value in the compute dtype `dtype` (one of DTYPE_CHOICES): "auto" picks
+    bf16 or fp16 on every CUDA card (l1ra_lite.models.compute_dtype), so 2 bytes."""
+    from l1ra_lite.models import DTYPE_CHOICES
+
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {dtype!r})")
+    return FP32_BYTES if dtype == "fp32" else BYTES_16BIT
+
+
+def _upcast_bytes(value_bytes: int) -> int:
+    """Bytes of the fp32 copy that norms and the loss make of a compute-dtype value: none
+    when it is fp32 already (`.float()` and `.to(float32)` return the tensor itself)."""
+    return FP32_BYTES if value_bytes < FP32_BYTES else 0
+
+
+def checkpoint_bytes(shape: ModelShape, tokens: int, value_bytes: int = BYTES_16BIT) -> int:
+    """One hidden state a layer in the compute dtype, plus the final norm (its input, its
+    fp32 copy where the input is 16-bit, its output)."""
+    per_layer = shape.layers * tokens * shape.hidden * value_bytes
+    final_norm = tokens * shape.hidden * (value_bytes + _upcast_bytes(value_bytes) + value_bytes)
     return per_layer + final_norm
 
 
@@ -379,38 +419,51 @@ def chunked_loss(shape: ModelShape) -> bool:
     return shape.model_type in PLAIN_HEAD_MODEL_TYPES
 
 
-def loss_phase_bytes(shape: ModelShape, tokens: int) -> int:
-    """The loss on the logits: 16-bit logits, fp32 log-softmax saved, two fp32 gradients,
-    for every token, or for one chunk plus the gathered hidden states and their gradient."""
+def loss_phase_bytes(shape: ModelShape, tokens: int, value_bytes: int = BYTES_16BIT) -> int:
+    """The loss on the logits: logits in the compute dtype, fp32 log-softmax saved, two fp32
+    gradients, for every token, or for one chunk plus the gathered hidden states and their
+    gradient."""
+    per_logit = LOSS_BYTES_PER_LOGIT - BYTES_16BIT + value_bytes  # fp32 logits: 16 bytes
     if not chunked_loss(shape):
-        return tokens * shape.vocab * LOSS_BYTES_PER_LOGIT
+        return tokens * shape.vocab * per_logit
     from l1ra_lite.loss import chunk_tokens
 
     chunk = min(tokens, chunk_tokens(shape.vocab))
-    return chunk * shape.vocab * LOSS_BYTES_PER_LOGIT + 2 * tokens * shape.hidden * BYTES_16BIT
+    return chunk * shape.vocab * per_logit + 2 * tokens * shape.hidden * value_bytes
 
 
-def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str) -> int:
-    """One decoder layer recomputed and back-propagated (with the 16-bit logits still held
-    where the loss is not chunked).
+def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str, value_bytes: int = BYTES_16BIT) -> int:
+    """One decoder layer recomputed and back-propagated (with the logits still held where
+    the loss is not chunked); `value_bytes`: the compute dtype's size.
 
     The saved tensors are those autograd keeps for a transformers Llama / Mistral / Qwen2
     layer under 16-bit autocast (counted with saved_tensors_hooks on a small model with
     fp32 peft LoRA adapters); k and v are taken at full width, as when a padding mask makes
-    sdpa repeat them. bitsandbytes dequantises a 4-bit weight to 16-bit for each matmul,
-    one at a time: the largest one is counted once.
+    sdpa repeat them. bitsandbytes dequantises a 4-bit weight to the compute dtype for each
+    matmul, one at a time: the largest one is counted once.
+
+    In fp32 (no autocast) two things differ beyond the size of a value: an RMSNorm's
+    `.to(float32)` returns its input itself, which the norm then keeps (only the
+    post-attention norm's is new: the input norm's is the checkpoint); and an adapter's
+    `x.to(fp32)` is x itself, so the adapters keep no copies of their inputs. Checked
+    against the training step traced on fake tensors (bench/memory_trace.py's counter,
+    2026-11-29): Mistral-7B, budget 512, 2048 x 1, traced peak over estimated allocation
+    0.942 in fp32 against 0.949 in bf16; the step's transient part 0.86 of the estimate's
+    checkpoints + backward peak in both.
     """
-    h, i = shape.hidden, shape.intermediate
+    h, i, c = shape.hidden, shape.intermediate, value_bytes
+    upcast = _upcast_bytes(c)
     saved_per_token = (
-        2 * (4 * h + 2 * h)  # two RMSNorms: fp32 copy of the input and the 16-bit output
-        + 5 * 2 * h  # q, k, v (repeated to every head), sdpa output, o_proj input
+        (2 * upcast * h if upcast else c * h)  # two RMSNorms' fp32 inputs: copies, or the one new input
+        + 2 * c * h  # the two norms' outputs (kept by the projections after them)
+        + 5 * c * h  # q, k, v (repeated to every head), sdpa output, o_proj input
         + 4 * shape.heads  # sdpa's fp32 log-sum-exp, no seq x seq matrix
-        + 4 * 2 * i  # MLP: gate, up, silu(gate), their product
-        + 2 * (2 * h + i)  # the adapters' own copies of their inputs
+        + 4 * c * i  # MLP: gate, up, silu(gate), their product
+        + (c * (2 * h + i) if upcast else 0)  # the adapters' copies of their inputs (autocast's casts)
     )
-    grads_per_token = 3 * 2 * i + 2 * 4 * h  # MLP gradients in flight, fp32 norm gradients
-    dequantised = BYTES_16BIT * max(lin.numel for lin in shape.quantised) if quant == "nf4" else 0
-    held_logits = 0 if chunked_loss(shape) else tokens * shape.vocab * HELD_LOGITS_BYTES
+    grads_per_token = 3 * c * i + 2 * 4 * h  # MLP gradients in flight, fp32 norm gradients
+    dequantised = c * max(lin.numel for lin in shape.quantised) if quant == "nf4" else 0
+    held_logits = 0 if chunked_loss(shape) else tokens * shape.vocab * c
     return tokens * (saved_per_token + grads_per_token) + dequantised + held_logits
 
 
@@ -426,10 +479,23 @@ def estimate(
     target_modules: Optional[list[str]] = None,
     quant: str = "nf4",
     model_name: Optional[str] = None,
+    dtype: str = "auto",
+    expandable_segments: Optional[bool] = None,
 ) -> Estimate:
-    """Peak GPU memory of training with these settings (budget None: 8 ranks an adapter)."""
+    """Peak GPU memory of training with these settings (budget None: 8 ranks an adapter).
+
+    `dtype`: the requested compute dtype (DTYPE_CHOICES; "auto" is 16-bit on CUDA).
+    `expandable_segments`: whether the allocator uses them; None: what the CLI would set
+    up in this process's environment (l1ra_lite.models.uses_expandable_segments).
+    """
+    from l1ra_lite.models import uses_expandable_segments
+
     if quant not in ("nf4", "none"):
         raise UserError(f"quant must be nf4 or none (got {quant!r})")
+    value_bytes = compute_bytes(dtype)
+    if expandable_segments is None:
+        expandable_segments = uses_expandable_segments()
+    fragmentation = EXPANDABLE_FRAGMENTATION if expandable_segments else FRAGMENTATION
     for key, value in (("seq-len", seq_len), ("batch-size", batch_size)):
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{key} must be a positive integer (got {value!r})")
@@ -441,20 +507,20 @@ def estimate(
     tokens = seq_len * batch_size
 
     weights_4bit = sum(nf4_bytes(lin.numel) for lin in shape.quantised)
-    weights_16bit = cuda_bytes(shape.params_16bit * BYTES_16BIT) + shape.buffer_bytes
+    weights_16bit = cuda_bytes(shape.params_16bit * value_bytes) + shape.buffer_bytes
     low, high = adapter_range(shape.adapted, budget)
-    loss_phase = loss_phase_bytes(shape, tokens)
-    layer_phase = layer_phase_bytes(shape, tokens, quant)
+    loss_phase = loss_phase_bytes(shape, tokens, value_bytes)
+    layer_phase = layer_phase_bytes(shape, tokens, quant, value_bytes)
     parts = {
         "weights_4bit": weights_4bit,
         "weights_16bit": weights_16bit,
         "adapters": high,
-        "checkpoints": checkpoint_bytes(shape, tokens),
+        "checkpoints": checkpoint_bytes(shape, tokens, value_bytes),
         "backward_peak": max(loss_phase, layer_phase),
     }
     allocated = sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
-    parts["fragmentation"] = int(FRAGMENTATION * allocated)
+    parts["fragmentation"] = int(fragmentation * allocated)
     return Estimate(
         model=model_name or getattr(model_config, "_name_or_path", "") or shape.model_type,
         budget=budget,
@@ -465,12 +531,22 @@ def estimate(
         adapter_range=(low, high),
         loss_phase_bytes=loss_phase,
         layer_phase_bytes=layer_phase,
-        notes={"model_type": shape.model_type, "quant": quant},
+        notes={
+            "model_type": shape.model_type,
+            "quant": quant,
+            "dtype": dtype,
+            "expandable_segments": expandable_segments,
+            "fragmentation_share": fragmentation,
+        },
     )
 
 
-def estimate_for_config(config: "FinetuneConfig") -> Estimate:
-    """The estimate for a finetune configuration (its model resolved without weights)."""
+def estimate_for_config(config: "FinetuneConfig", dtype: Optional[str] = None) -> Estimate:
+    """The estimate for a finetune configuration (its model resolved without weights).
+
+    `dtype` wins over the configuration's own `dtype` (a finetune option where the
+    configuration has it), which wins over "auto".
+    """
     model_config = resolve_model_config(config.model, config.trust_remote_code)
     return estimate(
         model_config,
@@ -480,6 +556,7 @@ def estimate_for_config(config: "FinetuneConfig") -> Estimate:
         target_modules=config.target_modules,
         quant=config.quant,
         model_name=config.model or DEFAULT_MODEL,
+        dtype=dtype or getattr(config, "dtype", None) or "auto",
     )
 
 
@@ -497,13 +574,22 @@ def format_plain(est: Estimate, gpu_gib: Optional[float] = None) -> str:
         f"seq {est.seq_len} x batch {est.batch_size}"
     ]
     for key, value in est.parts.items():
-        lines.append(f"  {PART_LABELS[key]:<40} {value / GIB:7.2f} GiB")
+        lines.append(f"  {part_label(est, key):<40} {value / GIB:7.2f} GiB")
     low, high = est.adapter_range
     lines.append(f"  {'(adapters, ranks spread evenly)':<40} {low / GIB:7.2f} GiB")
     lines.append(f"  {'total':<40} {est.total_gib:7.2f} GiB")
     if gpu_gib is not None:
         lines.append("  " + fit_sentence(est, gpu_gib))
     return "\n".join(lines)
+
+
+def part_label(est: Estimate, key: str) -> str:
+    """PART_LABELS[key], with what this estimate assumed where a part depends on it."""
+    if key == "weights_16bit" and est.notes.get("dtype") == "fp32":
+        return "embeddings, head, norms (fp32)"
+    if key == "fragmentation" and "fragmentation_share" in est.notes:
+        return f"{PART_LABELS[key]} ({est.notes['fragmentation_share']:.0%})"
+    return PART_LABELS[key]
 
 
 def fit_sentence(est: Estimate, gpu_gib: float) -> str:

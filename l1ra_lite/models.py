@@ -10,20 +10,30 @@ from one, so we copy the dequantised weights into a freshly built model and save
 an ordinary 16-bit Hugging Face folder, once, in the user's cache. That folder is then
 this model's "original 16-bit weights" (what export merges into).
 
-Heavy libraries (torch, transformers) are imported inside the functions that need them,
-so that importing this module stays cheap for the CLI.
+A hub id is loaded from the local Hugging Face cache when it is there (no request at
+all), else from the hub after one quick request that fails fast, in one line, when the hub
+cannot be reached or the repository is gated.
+
+The compute dtype follows the hardware (`compute_dtype`), and the CLI's entry sets up the
+process before torch loads (`configure_cuda_allocator`, `hide_bitsandbytes_kernels_notice`).
+
+Heavy libraries (torch, transformers, huggingface_hub) are imported inside the functions
+that need them, so that importing this module stays cheap for the CLI.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from l1ra_lite.aliases import DEFAULT_MODEL, EMBEDDED_ALIASES, hub_id, looks_like_alias
 from l1ra_lite.errors import UserError
@@ -197,23 +207,53 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(device: str, requested: str = "auto") -> "torch.dtype":
-    """bf16 where the hardware computes it natively, else fp32.
+# What `--dtype` accepts: "auto" picks per device (see compute_dtype).
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+# Ampere (8.0) is the first generation with bf16 in its tensor cores. torch 2.13's
+# torch.cuda.is_bf16_supported() also says yes on older cards, where bf16 is emulated
+# (slow, and SDPA falls back to its math kernel), so we decide by compute capability.
+NATIVE_BF16_CAPABILITY = (8, 0)
 
-    CUDA: bf16 on cards that support it (Ampere and newer); older cards get fp32 rather
-    than fp16, which would need loss scaling. CPU: bf16 only with AVX512-BF16 or AMX;
-    without them bf16 is emulated: on an AVX2 machine an NF4 Linear4bit forward+backward
-    (512x576 @ 576x1536) took 1268 ms in bf16 against 136 ms in fp32.
+
+def compute_dtype(device: str, requested: str = "auto") -> "torch.dtype":
+    """The dtype the model computes in on `device`; `requested` is one of DTYPE_CHOICES.
+
+    auto: on CUDA, bf16 on cards of compute capability 8.0 or newer (Ampere: RTX 30xx,
+    A100 and later), fp16 on older ones (T4, V100, RTX 20xx: the training loop scales the
+    loss for fp16); on the CPU, bf16 only with AVX512-BF16 or AMX, else fp32 (without
+    them bf16 is emulated: on an AVX2 machine an NF4 Linear4bit forward+backward,
+    512x576 @ 576x1536, took 1268 ms in bf16 against 136 ms in fp32).
+    An explicit choice is honoured, except bf16 on a CUDA card below 8.0 (a UserError).
     """
     import torch
 
-    if requested != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+    if requested not in DTYPE_CHOICES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {requested!r})")
+    explicit = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
+        capability = tuple(torch.cuda.get_device_capability(device))
+        native_bf16 = capability >= NATIVE_BF16_CAPABILITY
+        if requested == "auto":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        if requested == "bf16" and not native_bf16:
+            raise UserError(
+                f"dtype bf16 needs a GPU of compute capability 8.0 or newer; {_cuda_card_name(device)} "
+                f"has {capability[0]}.{capability[1]} and would only emulate it: use --dtype fp16 "
+                "(or auto, which picks it) or --dtype fp32"
+            )
+        return explicit[requested]
+    if requested == "auto":
+        return torch.bfloat16 if device == "cpu" and _cpu_has_native_bf16() else torch.float32
+    return explicit[requested]
+
+
+def _cuda_card_name(device: str) -> str:
+    import torch
+
+    try:
+        return f"this card ({torch.cuda.get_device_name(device)})"
+    except (RuntimeError, AssertionError, ValueError):  # a name is a nicety, never an error of its own
+        return "this card"
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -224,6 +264,95 @@ def _cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+# --------------------------------------------------------------------------- process set-up
+
+# The allocator settings torch reads, in the order it looks for them (torch 2.13,
+# c10 CUDAAllocatorConfig: the CUDA name first, the HIP one on ROCm builds, then the
+# newer device-neutral name). Any of them set means the user chose: we leave it alone.
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def allocator_settings(environ: Mapping[str, str]) -> Optional[str]:
+    """The allocator settings torch will read from `environ`, or None if none are set."""
+    for name in ALLOC_CONF_VARIABLES:
+        if name in environ:
+            return environ[name]
+    return None
+
+
+def expandable_segments_on(settings: Optional[str]) -> bool:
+    """Whether allocator `settings` ("key:value,key:value") turn expandable segments on."""
+    enabled = False
+    for item in (settings or "").replace(" ", "").split(","):
+        key, _, value = item.partition(":")
+        if key == "expandable_segments":
+            enabled = value == "True"  # torch accepts exactly True / False; the last one wins
+    return enabled
+
+
+def uses_expandable_segments(environ: Optional[Mapping[str, str]] = None, platform: Optional[str] = None) -> bool:
+    """Whether CUDA training started by the CLI in this environment uses expandable
+    segments: the user's own allocator settings if any, else our default (on Linux)."""
+    environ = os.environ if environ is None else environ
+    settings = allocator_settings(environ)
+    if settings is None:
+        return _expandable_segments_supported(platform)
+    return expandable_segments_on(settings)
+
+
+def configure_cuda_allocator(
+    environ: Optional[MutableMapping[str, str]] = None, platform: Optional[str] = None
+) -> bool:
+    """Turn on the caching allocator's expandable segments unless the user set allocator
+    options; returns whether expandable segments are on. Call before CUDA initialises
+    (torch reads the variable once, when the allocator starts).
+
+    Batches are padded to their longest example, so tensor shapes change every step. With
+    fixed-size segments the allocator then keeps blocks of old sizes reserved that new
+    shapes do not fit; expandable segments grow one mapping instead (PyTorch's note
+    "Optimizing memory usage with PYTORCH_CUDA_ALLOC_CONF"). We set the CUDA name: every
+    torch we support (>= 2.4) reads it, and 2.13 reads it first and without a deprecation
+    warning; PYTORCH_ALLOC_CONF is the newer device-neutral name older releases ignore.
+    Only on Linux: other platforms lack the driver API and torch would print a warning.
+    """
+    environ = os.environ if environ is None else environ
+    if allocator_settings(environ) is None and _expandable_segments_supported(platform):
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    return uses_expandable_segments(environ, platform)
+
+
+def _expandable_segments_supported(platform: Optional[str]) -> bool:
+    return (platform or sys.platform).startswith("linux")
+
+
+# bitsandbytes 0.50 (backends/cpu/ops.py), on CPUs with AVX512-BF16, tries to fetch a
+# gemm kernel from the hub with the optional `kernels` package at import and logs this at
+# WARNING when it cannot: "Failed to load CPU gemm_4bit_forward from kernels-community:
+# ... Please make sure you already `pip install kernels` ...". Its own fallback kernel
+# then runs; nothing is wrong, and we need no hub kernel.
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropMessagesStartingWith(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def hide_bitsandbytes_kernels_notice() -> None:
+    """Drop bitsandbytes' "pip install kernels" notice (see BNB_KERNELS_NOTICE), and
+    nothing else: other records of that logger, and every other logger and warning
+    (torch's "autograd kernel was not registered" among them), still show."""
+    logger = logging.getLogger(BNB_CPU_OPS_LOGGER)  # bitsandbytes gets this same object
+    if not any(isinstance(f, _DropMessagesStartingWith) for f in logger.filters):
+        logger.addFilter(_DropMessagesStartingWith(BNB_KERNELS_NOTICE))
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -231,10 +360,7 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The transformers config of the model (no weights are read)."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _load_error(source, err) from None
+    return _load_from(source, lambda path: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def model_type(source: ModelSource, trust_remote_code: bool = False) -> str:
@@ -271,7 +397,7 @@ def load_model(
         parameter.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     keep_4bit_layers_trainable(model)
     return model
 
@@ -301,7 +427,7 @@ def keep_4bit_layers_trainable(model: Any) -> None:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
-def _enable_checkpointing(model: Any) -> None:
+def enable_checkpointing(model: Any) -> None:
     """Non-reentrant gradient checkpointing, plus gradients at the input embeddings."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
@@ -325,13 +451,11 @@ def _from_pretrained(source: ModelSource, quant: str, device: str, dtype: "torch
     if quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        return _load_from(source, lambda path: AutoModelForCausalLM.from_pretrained(path, **kwargs))
     except ImportError as err:
         if quant == "nf4" and "bitsandbytes" in str(err):
             raise UserError("quant nf4 needs bitsandbytes: pip install bitsandbytes (or use --quant none)") from None
         raise
-    except (OSError, ValueError) as err:
-        raise _load_error(source, err) from None
 
 
 def nf4_config(dtype: "torch.dtype") -> Any:
@@ -356,26 +480,166 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _load_error(source, err) from None
+    tokenizer = _load_from(source, lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             raise UserError(f"the tokenizer of {source.name} has no pad, eos or unk token to pad with")
         tokenizer.pad_token = fallback
     if not tokenizer.chat_template:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # Rendered with the BOS the tokenizer would add itself, so that generate and vLLM
+        # (which tokenise a rendered chat without special tokens) start prompts as training
+        # starts examples (l1ra_lite.data.leading_bos_id); llama.cpp drops a rendered BOS
+        # and adds its own, so it stays one.
+        from l1ra_lite.data import leading_bos_id
+
+        bos = "{{- bos_token }}" if leading_bos_id(tokenizer) is not None else ""
+        tokenizer.chat_template = bos + DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+# --------------------------------------------------------------------------- the hub
+
+# What to do when a hub model cannot be had; ends every such error.
+WITHOUT_HUB = (
+    "give a local model folder, or the alias smollm2-135m for the embedded default "
+    "(set HF_HOME if your Hugging Face cache is elsewhere)"
+)
+
+
+def _load_from(source: ModelSource, load: Callable[[str], Any]) -> Any:
+    """`load(path)` from the local folder; for a hub id, from the hub cache first, else
+    from the hub after one quick check that it answers.
+
+    transformers alone, with the hub unreachable and nothing cached, retries each file
+    with backoff (about 50 s and a dozen "Retrying" lines before its error), and even
+    with local_files_only=True AutoModel looks for adapter_config.json on the hub. So a
+    cached model is loaded from its snapshot folder (no hub request at all), and an
+    uncached one gets a single request without retries before the download starts.
+    """
+    if source.is_local:
+        try:
+            return load(source.path)
+        except (OSError, ValueError) as err:
+            raise _load_error(source, err) from None
+    missing: Optional[str] = None  # why the cached snapshot did not do
+    snapshot = cached_snapshot(source.path)
+    if snapshot is not None:
+        try:
+            return _named(load(str(snapshot)), source.path)
+        except (OSError, ValueError) as err:  # typically part of the model cached, e.g. its config alone
+            missing = _first_line(err)
+    if hub_offline():
+        raise _not_cached_error(source, "HF_HUB_OFFLINE is set", missing)
+    check_hub(source, missing)
+    try:
+        return load(source.path)
+    except (OSError, ValueError) as err:
+        raise _load_error(source, err) from None
+
+
+def cached_snapshot(repo_id: str) -> Optional[Path]:
+    """The hub cache's snapshot folder of `repo_id` (its main branch), if it holds a config.json.
+
+    The cache is huggingface_hub's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id for the hub: nothing can be cached under it
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _named(loaded: Any, repo_id: str) -> Any:
+    """Give what was loaded from a cache snapshot the hub id as its name, as a load from the
+    hub would: peft writes it as base_model_name_or_path, and a cache path means nothing
+    on another machine."""
+    for part in (loaded, getattr(loaded, "config", None)):  # a model keeps the name on itself and its config
+        if part is not None and hasattr(part, "name_or_path"):
+            part.name_or_path = repo_id
+    return loaded
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), as huggingface_hub read it at import or as set now."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or now.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub(source: ModelSource, missing: Optional[str] = None, timeout: Optional[float] = None) -> None:
+    """One request for the model's config.json, without retries: raise a one-line UserError
+    when the hub cannot be reached, the repository is gated or does not exist. Any other
+    answer (a server error, no config.json) is left to the load, which reports it."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        # No retries: get_hf_file_metadata's default (retry_on_errors=False where it exists)
+        get_hf_file_metadata(
+            hf_hub_url(source.path, "config.json"),
+            timeout=constants.HF_HUB_ETAG_TIMEOUT if timeout is None else timeout,
+        )
+    except GatedRepoError:
+        raise _gated_error(source) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {_described(source)}: no such repository on the Hugging Face hub (check the id; "
+            "a private one needs HF_TOKEN or `hf auth login`), or " + WITHOUT_HUB
+        ) from None
+    except HfHubHTTPError:
+        return  # the hub answered: the load itself says what is wrong, with its retries
+    except Exception as err:  # DNS, refused connection, timeout, proxy: the HTTP client's own types
+        raise _not_cached_error(source, f"the hub cannot be reached ({_first_line(err)})", missing) from None
+
+
+def _not_cached_error(source: ModelSource, why: str, missing: Optional[str]) -> UserError:
+    from huggingface_hub import constants
+
+    held = f"is not completely in the Hugging Face cache {constants.HF_HUB_CACHE} ({missing})" if missing else (
+        f"is not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    )
+    return UserError(f"model {_described(source)} {held} and {why}: {WITHOUT_HUB}")
+
+
+def _gated_error(source: ModelSource) -> UserError:
+    return UserError(
+        f"model {_described(source)} is gated: accept its licence at "
+        f"https://huggingface.co/{source.path} (logged in), then set HF_TOKEN or run `hf auth login`"
+    )
+
+
+def _described(source: ModelSource) -> str:
+    """"alias (org/name)", or the hub id alone when the user typed it."""
+    return source.name if source.name == source.path else f"{source.name} ({source.path})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_error(source: ModelSource, err: Exception) -> UserError:
     """A one-line error for a model that cannot be read (no network, wrong id, broken folder)."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = _first_line(err)
     if source.is_local:
         return UserError(f"cannot load model {source.name} from {source.path}: {reason}")
-    return UserError(
-        f"cannot load model {source.name} ({source.path}) from the Hugging Face hub: {reason}; "
-        "without hub access give a local model folder, or the alias smollm2-135m for the embedded default"
-    )
+    if _caused_by_gated_repo(err):  # transformers re-raises it as an OSError whose first line drops the URL
+        return _gated_error(source)
+    return UserError(f"cannot load model {_described(source)} from the Hugging Face hub: {reason}; " + WITHOUT_HUB)
+
+
+def _caused_by_gated_repo(err: BaseException) -> bool:
+    from huggingface_hub.errors import GatedRepoError
+
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, GatedRepoError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -112,6 +112,61 @@ def test_tied_embeddings_count_once():
     assert est.n_adapters == 210 and est.budget == 1680
 
 
+def test_auto_bf16_and_fp16_give_the_16bit_counts(mistral):
+    settings = dict(budget=512, seq_len=2048, batch_size=1, expandable_segments=False)
+    auto = estimate(mistral, **settings)
+    assert auto.notes["dtype"] == "auto"
+    for dtype in ("bf16", "fp16"):
+        assert estimate(mistral, dtype=dtype, **settings).parts == auto.parts
+
+
+def test_fp32_doubles_the_16bit_values_and_nothing_else(mistral):
+    settings = dict(budget=512, seq_len=2048, batch_size=1, expandable_segments=False)
+    half, full = estimate(mistral, dtype="bf16", **settings), estimate(mistral, dtype="fp32", **settings)
+    h, i, layers, vocab = 4096, 14336, 32, 32768
+    assert full.parts["weights_4bit"] == half.parts["weights_4bit"]
+    assert full.parts["adapters"] == half.parts["adapters"]  # fp32 in any case
+    sixteen = 2 * vocab * h + (2 * layers + 1) * h  # embeddings, head, norms: now 4 bytes each
+    assert 0 <= full.parts["weights_16bit"] - 4 * sixteen < 4096
+    # fp32 hidden states; the final norm keeps its input and output, no fp32 copy to make
+    assert full.parts["checkpoints"] == layers * 2048 * h * 4 + 2048 * h * 8
+    # fp32 logits (4 bytes where bf16 ones take 2), the log-softmax and gradients as before
+    assert full.loss_phase_bytes == 512 * vocab * 16 + 2 * 2048 * h * 4
+    # one layer's backward grows by well over half, not by more than double
+    assert 1.5 * half.layer_phase_bytes < full.layer_phase_bytes < 2 * half.layer_phase_bytes
+    assert full.total_bytes > half.total_bytes + (1 << 30)
+    assert full.to_dict()["dtype"] == "fp32"
+
+
+def test_unknown_dtype_is_a_user_error(mistral):
+    with pytest.raises(UserError, match="dtype must be one of auto, bf16, fp16, fp32"):
+        estimate(mistral, budget=8, seq_len=16, batch_size=1, dtype="int8")
+
+
+def test_fragmentation_follows_the_allocator_setting(mistral, monkeypatch):
+    from l1ra_lite import models
+    from l1ra_lite.estimate import EXPANDABLE_FRAGMENTATION, FRAGMENTATION, part_label
+
+    assert EXPANDABLE_FRAGMENTATION < FRAGMENTATION
+    settings = dict(budget=512, seq_len=2048, batch_size=1)
+    fixed = estimate(mistral, expandable_segments=False, **settings)
+    grown = estimate(mistral, expandable_segments=True, **settings)
+    assert fixed.allocated_bytes == grown.allocated_bytes
+    assert fixed.parts["fragmentation"] == int(FRAGMENTATION * fixed.allocated_bytes)
+    assert grown.parts["fragmentation"] == int(EXPANDABLE_FRAGMENTATION * grown.allocated_bytes)
+    assert part_label(fixed, "fragmentation") == "allocator fragmentation (8%)"
+    assert part_label(grown, "fragmentation") == "allocator fragmentation (3%)"
+    # By default: what `l1ra-lite finetune` would set up in this environment.
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(models.sys, "platform", "linux")
+    assert estimate(mistral, **settings).parts == grown.parts  # the CLI's default
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")  # the user's own settings
+    assert estimate(mistral, **settings).parts == fixed.parts
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256,expandable_segments:True")
+    assert estimate(mistral, **settings).notes["expandable_segments"] is True
+
+
 # --- behaviour ------------------------------------------------------------------------
 
 
@@ -227,6 +282,24 @@ def test_cli_json_parts_add_up(capsys):
     assert 5 < report["total_gib"] < 10
     assert report["fits"] is True and 0 < report["headroom"] < 1
     assert report["budget"] == 512 and report["n_adapters"] == 224
+
+
+def test_cli_dtype_fp32_costs_more(capsys):
+    argv = ["estimate", "--model", "mistral-7b", "--budget", "512", "--seq-len", "2048", "--json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    auto = json.loads(out)
+    code, out, err = run_cli(capsys, *argv, "--dtype", "fp32")
+    assert code == 0, err
+    full = json.loads(out)
+    assert auto["dtype"] == "auto" and full["dtype"] == "fp32"
+    assert full["total_bytes"] > auto["total_bytes"]
+    assert full["parts"]["weights_4bit"] == auto["parts"]["weights_4bit"]
+    code, out, err = run_cli(capsys, "estimate", "--model", "mistral-7b", "--dtype", "fp32")
+    assert code == 0 and "embeddings, head, norms (fp32)" in out
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "estimate", "--model", "mistral-7b", "--dtype", "fp8")
+    assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_cli_table_says_whether_it_fits(capsys):

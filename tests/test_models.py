@@ -1,7 +1,15 @@
-"""l1ra_lite.models: resolving names, the embedded default, quantised loading, tokenizers."""
+"""l1ra_lite.models: resolving names, the embedded default, quantised loading, tokenizers,
+the hub cache and its errors, the compute dtype, and the CLI's process set-up."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,20 +227,170 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- compute dtype
 
 
+@pytest.fixture
+def cuda_card(monkeypatch):
+    """Pretend to be on a CUDA card of the given compute capability (torch.cuda mocked)."""
+
+    def use(capability: tuple[int, int], name: str = "Tesla T4") -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: name)
+        # torch 2.13 says yes on pre-Ampere cards too (emulated bf16): it must not decide
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+    return use
+
+
 def test_compute_dtype_cpu_needs_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert models.compute_dtype("cpu") == torch.float32
+    assert models.compute_dtype("cpu", "auto") == torch.float32
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert models.compute_dtype("cpu") == torch.bfloat16
 
 
-def test_compute_dtype_cuda_follows_bf16_support(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert models.compute_dtype("cuda") == torch.bfloat16
-    assert models.compute_dtype("cuda:1") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert models.compute_dtype("cuda") == torch.float32
+def test_explicit_dtypes_are_honoured_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert models.compute_dtype("cpu", "bf16") == torch.bfloat16  # slow without AVX512-BF16, but asked for
+    assert models.compute_dtype("cpu", "fp16") == torch.float16
+    assert models.compute_dtype("cpu", "fp32") == torch.float32
+
+
+def test_auto_is_bf16_from_compute_capability_8_and_fp16_before(cuda_card):
+    cuda_card((7, 5))  # T4, RTX 20xx
+    assert models.compute_dtype("cuda") == torch.float16
+    cuda_card((7, 0), "Tesla V100")
+    assert models.compute_dtype("cuda:1") == torch.float16
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0)):  # A100, RTX 30xx, RTX 40xx, H100, RTX 50xx
+        cuda_card(capability)
+        assert models.compute_dtype("cuda") == torch.bfloat16
+        assert models.compute_dtype("cuda:0", "auto") == torch.bfloat16
+
+
+def test_explicit_dtypes_are_honoured_on_cuda(cuda_card):
+    cuda_card((8, 6))
+    assert models.compute_dtype("cuda", "bf16") == torch.bfloat16
+    assert models.compute_dtype("cuda", "fp16") == torch.float16
+    assert models.compute_dtype("cuda", "fp32") == torch.float32
+    cuda_card((7, 5))
+    assert models.compute_dtype("cuda", "fp16") == torch.float16
+    assert models.compute_dtype("cuda", "fp32") == torch.float32
+
+
+def test_bf16_on_a_card_below_8_0_is_a_user_error_naming_the_alternatives(cuda_card):
+    cuda_card((7, 0), "Tesla V100-SXM2-16GB")
+    with pytest.raises(UserError) as err:
+        models.compute_dtype("cuda", "bf16")
+    message = str(err.value)
+    assert "Tesla V100-SXM2-16GB" in message and "7.0" in message and "8.0" in message
+    assert "--dtype fp16" in message and "--dtype fp32" in message
+    assert "\n" not in message
+
+
+def test_unknown_dtype_is_a_user_error():
+    with pytest.raises(UserError, match="dtype must be one of auto, bf16, fp16, fp32"):
+        models.compute_dtype("cpu", "float8")
+    assert models.DTYPE_CHOICES == ("auto", "bf16", "fp16", "fp32")
+
+
+# --------------------------------------------------------------------------- CUDA allocator
+
+ALLOC_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def test_allocator_gets_expandable_segments_when_the_user_set_nothing():
+    environ = {"PATH": "/usr/bin"}
+    assert models.configure_cuda_allocator(environ, platform="linux") is True
+    assert environ == {"PATH": "/usr/bin", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert models.configure_cuda_allocator(environ, platform="linux") is True  # a second call changes nothing
+    assert environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.parametrize("name", ALLOC_VARIABLES)
+def test_allocator_settings_of_the_user_are_left_alone(name):
+    environ = {name: "max_split_size_mb:128"}
+    assert models.configure_cuda_allocator(environ, platform="linux") is False
+    assert environ == {name: "max_split_size_mb:128"}  # nothing added under another name either
+    environ = {name: "garbage_collection_threshold:0.6, expandable_segments:True"}
+    assert models.configure_cuda_allocator(environ, platform="linux") is True
+    assert environ == {name: "garbage_collection_threshold:0.6, expandable_segments:True"}
+
+
+def test_expandable_segments_are_read_as_torch_reads_them():
+    assert models.expandable_segments_on("expandable_segments:True")
+    assert models.expandable_segments_on("max_split_size_mb:64,expandable_segments : True")
+    assert not models.expandable_segments_on("expandable_segments:False")
+    assert not models.expandable_segments_on("expandable_segments:True,expandable_segments:False")
+    assert not models.expandable_segments_on("")
+    assert not models.expandable_segments_on(None)
+    # torch 2.13 reads the CUDA name first, the device-neutral one last
+    both = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    assert models.allocator_settings(both) == "expandable_segments:False"
+    assert not models.uses_expandable_segments(both, platform="linux")
+
+
+def test_no_expandable_segments_where_the_platform_lacks_them():
+    environ: dict[str, str] = {}
+    assert models.configure_cuda_allocator(environ, platform="win32") is False
+    assert environ == {}
+    assert not models.uses_expandable_segments({}, platform="win32")
+    assert models.uses_expandable_segments({}, platform="linux")
+
+
+def test_the_cli_sets_the_allocator_before_anything_imports_torch(tmp_path):
+    script = (
+        "import os, sys\n"
+        "from l1ra_lite.cli import main\n"
+        "code = main([])\n"  # no subcommand: prints the help
+        "print('torch' in sys.modules, os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ALLOC_VARIABLES}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    expected = "expandable_segments:True" if sys.platform.startswith("linux") else "None"
+    assert result.stdout.strip().splitlines()[-1] == f"False {expected}", result.stderr
+
+
+# --------------------------------------------------------------------------- bitsandbytes' notice
+
+# bitsandbytes logs its notice while importing its CPU kernels, and only on CPUs with
+# AVX512-BF16. To see it on any machine, the script below re-runs that module with the
+# check forced on (the optional `kernels` package is absent here, HF_HUB_OFFLINE keeps it
+# off the network where present), first as it is, then under our filter.
+NOTICE_SCRIPT = """
+import importlib, logging, sys, warnings
+import bitsandbytes.functional as functional
+functional.has_avx512bf16 = lambda: True
+ops = importlib.import_module("bitsandbytes.backends.cpu.ops")
+def section(name):
+    print("--- " + name, file=sys.stderr, flush=True)
+section("plain")
+importlib.reload(ops)
+section("filtered")
+from l1ra_lite.models import hide_bitsandbytes_kernels_notice
+hide_bitsandbytes_kernels_notice()
+hide_bitsandbytes_kernels_notice()  # idempotent
+importlib.reload(ops)
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+warnings.warn("autograd kernel was not registered to the Autograd key(s) (torch, kept)")
+section("end")
+"""
+
+
+def test_bitsandbytes_kernels_notice_is_hidden_and_nothing_else(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    plain = err[err.index("--- plain"):err.index("--- filtered")]
+    filtered = err[err.index("--- filtered"):err.index("--- end")]
+    assert "Failed to load CPU gemm_4bit_forward from kernels-community" in plain
+    assert "pip install kernels" in plain
+    assert "kernels-community" not in filtered and "pip install kernels" not in filtered
+    assert "another bitsandbytes warning" in filtered
+    assert "autograd kernel was not registered" in filtered
 
 
 # --------------------------------------------------------------------------- load_model
@@ -323,6 +481,180 @@ def test_unreachable_hub_is_a_user_error_naming_the_model(offline_hub):
         message = str(err.value)
         assert "someorg/not-a-model" in message and "local model folder" in message
         assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- the hub cache and hub errors
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache under tmp_path, online mode, and a hub stand-in: the one
+    request l1ra-lite makes itself (get_hf_file_metadata) gets `hub.answer` (an exception
+    is raised: by default the DNS failure of a machine without network). Nothing here
+    waits on a network: a test that let transformers download would hang in retries."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    state = SimpleNamespace(cache=cache, calls=[], answer=ConnectionError("[Errno -2] Name or service not known"))
+
+    def get_hf_file_metadata(url, **kwargs):
+        state.calls.append((url, kwargs))
+        if isinstance(state.answer, BaseException):
+            raise state.answer
+        return state.answer
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", get_hf_file_metadata)
+    return state
+
+
+def cache_snapshot(cache: Path, repo_id: str, *files: Path) -> Path:
+    """A snapshot folder laid out as huggingface_hub's cache keeps one (refs/main -> commit)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, snapshot / file.name)
+    return snapshot
+
+
+def hub_http_error(kind, message: str):
+    """A huggingface_hub HTTP error as the hub client raises it (it wants a response)."""
+    return kind(message, response=SimpleNamespace(headers={}, request=None, status_code=403))
+
+
+def test_a_cached_hub_model_loads_from_the_cache_without_asking_the_hub(hub, tiny_folder):
+    cache_snapshot(hub.cache, "someorg/tiny-llama", *sorted(tiny_folder.iterdir()))
+    source = models.resolve_model("someorg/tiny-llama")
+    assert source == ModelSource("someorg/tiny-llama", "someorg/tiny-llama")
+    config = models.load_config(source)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, quant="none", device="cpu", dtype=torch.float32, gradient_checkpointing=False)
+    assert config.model_type == "llama" and tokenizer.pad_token is not None
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    # named by the hub id, as a download would be (peft writes it as base_model_name_or_path)
+    assert config.name_or_path == tokenizer.name_or_path == model.name_or_path == "someorg/tiny-llama"
+    assert model.config.name_or_path == "someorg/tiny-llama"
+    assert hub.calls == []
+
+
+def test_an_uncached_model_with_the_hub_down_fails_at_once_in_one_line(hub):
+    source = models.resolve_model("someorg/not-cached")
+    for load in (models.load_config, models.load_tokenizer, lambda s: models.load_model(s, device="cpu")):
+        started = time.perf_counter()
+        with pytest.raises(UserError) as err:
+            load(source)
+        assert time.perf_counter() - started < 5  # transformers alone: ~50 s of retries
+        message = str(err.value)
+        assert message.startswith(f"model someorg/not-cached is not in the Hugging Face cache {hub.cache} ")
+        assert "the hub cannot be reached ([Errno -2] Name or service not known)" in message
+        assert "local model folder" in message and "smollm2-135m" in message and "HF_HOME" in message
+        assert "\n" not in message
+    assert len(hub.calls) == 3
+    for url, kwargs in hub.calls:
+        assert url.endswith("/someorg/not-cached/resolve/main/config.json")
+        assert kwargs.get("retry_on_errors", False) is False
+
+
+def test_hf_hub_offline_is_honoured_without_a_request(hub, tiny_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        models.load_tokenizer(models.resolve_model("someorg/not-cached"))
+    assert "is not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
+    cache_snapshot(hub.cache, "someorg/tiny-llama", tiny_folder / "config.json")
+    assert models.load_config(models.resolve_model("someorg/tiny-llama")).model_type == "llama"
+    assert hub.calls == []
+
+
+def test_a_partly_cached_model_says_what_is_missing(hub, tiny_folder):
+    # what `l1ra-lite estimate --model org/name` leaves in the cache: the config alone
+    cache_snapshot(hub.cache, "someorg/tiny-llama", tiny_folder / "config.json")
+    source = models.resolve_model("someorg/tiny-llama")
+    assert models.load_config(source).model_type == "llama"
+    assert hub.calls == []
+    with pytest.raises(UserError) as err:
+        models.load_model(source, quant="none", device="cpu")
+    message = str(err.value)
+    assert f"is not completely in the Hugging Face cache {hub.cache} (" in message
+    assert "the hub cannot be reached" in message and "\n" not in message
+    assert len(hub.calls) == 1
+
+
+def test_a_gated_repository_says_where_to_accept_the_licence(hub):
+    from huggingface_hub.errors import GatedRepoError
+
+    hub.answer = hub_http_error(GatedRepoError, "403 Client Error. Cannot access gated repo for url ...")
+    source = models.resolve_model("llama-3.1-8b")
+    for load in (models.load_config, models.load_tokenizer):
+        with pytest.raises(UserError) as err:
+            load(source)
+        assert str(err.value) == (
+            "model llama-3.1-8b (meta-llama/Llama-3.1-8B) is gated: accept its licence at "
+            "https://huggingface.co/meta-llama/Llama-3.1-8B (logged in), then set HF_TOKEN or run `hf auth login`"
+        )
+
+
+def test_a_gated_error_during_the_download_keeps_the_url(hub):
+    """transformers re-raises the hub's GatedRepoError as an OSError whose first line has no URL."""
+    from huggingface_hub.errors import GatedRepoError
+
+    hub.answer = SimpleNamespace(etag="x")  # the quick check passes (say, a token with no licence accepted)
+
+    def load(path):
+        try:
+            raise hub_http_error(GatedRepoError, "403 Client Error")
+        except GatedRepoError as gated:
+            raise OSError("You are trying to access a gated repo.\nMake sure to have access to it.") from gated
+
+    with pytest.raises(UserError, match=r"is gated: accept its licence at https://huggingface.co/org/gated \(logged in\)"):
+        models._load_from(ModelSource("org/gated", "org/gated"), load)
+
+
+def test_a_repository_that_does_not_exist_is_named(hub):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hub.answer = hub_http_error(RepositoryNotFoundError, "401 Client Error. Repository Not Found")
+    with pytest.raises(UserError) as err:
+        models.load_config(models.resolve_model("someorg/no-such-model"))
+    message = str(err.value)
+    assert "someorg/no-such-model: no such repository on the Hugging Face hub" in message
+    assert "HF_TOKEN" in message and "\n" not in message
+
+
+def test_other_hub_answers_are_left_to_the_load(hub):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub.answer = hub_http_error(HfHubHTTPError, "500 Server Error")
+    assert models.check_hub(ModelSource("org/name", "org/name")) is None
+
+
+def test_the_cli_fails_fast_when_the_hub_is_unreachable(tmp_path):
+    """End to end with the real hub client: an endpoint on a closed local port refuses at
+    once, as a machine without network does; nothing is cached under HF_HOME."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free now, closed once the socket is
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    argv = [sys.executable, "-m", "l1ra_lite", "estimate", "--model", "someorg/not-cached"]
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Retrying" not in result.stderr
+    assert "is not in the Hugging Face cache" in result.stderr and "the hub cannot be reached" in result.stderr
+    assert elapsed < 60  # imports only; the retries alone took 23 s a file
 
 
 # --------------------------------------------------------------------------- load_tokenizer

@@ -14,6 +14,7 @@ from typing import Optional
 
 from l1ra_lite import __version__
 from l1ra_lite.errors import UserError
+from l1ra_lite.models import configure_cuda_allocator, hide_bitsandbytes_kernels_notice
 
 # Order here is the order in `l1ra-lite --help`.
 COMMANDS = [
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # Process-wide set-up, before any subcommand imports torch or bitsandbytes: the CUDA
+    # allocator reads its settings once, when it starts.
+    configure_cuda_allocator()
+    hide_bitsandbytes_kernels_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any, Optional
 
+from l1ra_lite.models import DTYPE_CHOICES  # a light import: torch loads inside its functions
+
 HELP = "Predict the peak GPU memory of a fine-tuning run (model config only, no weights)."
 
 
@@ -17,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="sequences a forward pass")
     parser.add_argument("--target-modules", help="comma-separated module names (default: every linear layer)")
     parser.add_argument("--quant", choices=("nf4", "none"), help="base weights in 4-bit NF4 or 16-bit")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        help="compute dtype (default auto: bf16, or fp16 on cards older than Ampere; fp32 doubles activations)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", default=None)
     parser.add_argument(
         "--gpu-memory", type=float, metavar="GIB", help="say whether it fits a card with this much memory"
@@ -44,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     gpu_gib = args.gpu_memory
     if gpu_gib is None and args.recipe:
         gpu_gib = read_recipe(args.recipe)[1].get("memory_gib")
-    est = estimate_for_config(config)
+    est = estimate_for_config(config, dtype=args.dtype)
     if args.json:
         print(json.dumps(json_report(est, gpu_gib), indent=2))
     else:
@@ -64,7 +71,7 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from l1ra_lite.estimate import GIB, PART_LABELS, fit_sentence
+    from l1ra_lite.estimate import GIB, fit_sentence, part_label
 
     def gib(nbytes: int) -> str:
         return f"{nbytes / GIB:.2f}"
@@ -75,7 +82,8 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
             f"larger of: loss on logits {gib(est.loss_phase_bytes)}, "
             f"one layer recomputed {gib(est.layer_phase_bytes)}"
         ),
-        "fragmentation": "reserved beyond allocated",
+        "fragmentation": "reserved beyond allocated, "
+        + ("expandable segments" if est.notes.get("expandable_segments") else "fixed-size segments"),
     }
     title = (
         f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
@@ -86,7 +94,7 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
     table.add_column("GiB", justify="right")
     table.add_column("note", style="dim")
     for key, nbytes in est.parts.items():
-        table.add_row(PART_LABELS[key], gib(nbytes), notes.get(key, ""))
+        table.add_row(part_label(est, key), gib(nbytes), notes.get(key, ""))
     table.add_section()
     allocated = f"torch allocates {gib(est.allocated_bytes)} of it"
     table.add_row("total (peak)", f"{est.total_gib:.2f}", allocated, style="bold")

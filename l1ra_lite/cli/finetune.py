@@ -24,6 +24,8 @@ RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "lates
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from l1ra_lite.config import CHOICES
+
     # Every option defaults to None so that a recipe's value is kept unless a flag is given.
     # opt() and flag() add to the group opened last.
     def opt(flag: str, help: str, **kw: Any) -> None:
@@ -40,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--recipe", "a recipe TOML file, or the name of one shipped with l1ra-lite (see `l1ra-lite recipes`); "
         "flags override it")
     opt("--method", "l1ra (default), or stock peft lora / adalora at the same total rank",
-        choices=("l1ra", "lora", "adalora"))
-    opt("--quant", "nf4 (default: 4-bit base) or none (16-bit base)", choices=("nf4", "none"))
+        choices=CHOICES["method"])
+    opt("--quant", "nf4 (default: 4-bit base) or none (16-bit base)", choices=CHOICES["quant"])
     opt("--dtype", "compute dtype: auto (default: bf16 where the hardware has it natively; else fp16 with "
         "loss scaling on older CUDA cards, fp32 on CPUs), bf16, fp16 or fp32",
-        choices=("auto", "bf16", "fp16", "fp32"))
+        choices=CHOICES["dtype"])
     opt("--target-modules", "comma-separated module names to adapt (default: every linear layer of the "
         "decoder blocks)")
     flag("--trust-remote-code", "allow the model's own Python code from the hub (off by default)")
