@@ -14,6 +14,8 @@ depends on it) and says which ranks go (`cut`) and how much each adapter deserve
 Rules:
 - `paper_rule` (arXiv 2509.04884): cut every gate below the threshold eta_c * lambda;
   priority = the adapter's smallest gate.
+- `relative_gate_rule` (for comparison, in bench/realloc_replay.py): cut gates below a
+  fraction of their adapter's largest gate.
 - `importance_rule` (ours): score = c^2 * F, F the running mean of the gate's squared
   gradient (a Fisher estimate of the loss curvature along c). To second order, removing
   rank i raises the loss by about c_i^2 F_i / 2; unlike the gate alone, the score does
@@ -109,3 +111,13 @@ def importance_rule(evidence: Sequence[RankEvidence], threshold: float, ratio: f
     cut = tuple(tuple((i, j) in chosen for j in range(len(e.gate))) for i, e in enumerate(evidence))
     priority = tuple(min((s for s, g in zip(ss, gs) if g), default=0.0) for ss, gs in zip(scores, grown))
     return Verdict(scores, cut, priority)
+
+
+def relative_gate_rule(evidence: Sequence[RankEvidence], threshold: float, fraction: float = 0.1) -> Verdict:
+    """Cut gates below `threshold` or below `fraction` x their adapter's largest gate."""
+    gates = [tuple(e.gate) for e in evidence]
+    cut = tuple(tuple(g < max(threshold, fraction * max(gs)) for g in gs) for gs in gates)
+    return Verdict(tuple(gates), cut, tuple(min(gs) / max(max(gs), 1e-12) for gs in gates))
+
+
+RULES = {"paper": paper_rule, "importance": importance_rule, "relative-gate": relative_gate_rule}
