@@ -57,7 +57,12 @@ SMALL_LLAMA = {
                  num_key_value_heads=2, head_dim=16, vocab_size=128256, max_position_embeddings=256,
                  tie_word_embeddings=False),
 }
-ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}."} for i in range(64)]
+# Answers of about a hundred tokens: the loss then computes the head over 128256 entries
+# for a few hundred labelled positions a step (and its chunks need new memory blocks,
+# which is where the OOM checks' squeeze bites).
+FILLER = "Adding a number to itself doubles it, so the answer is twice the number asked about. " * 2
+ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}. {FILLER.strip()}"}
+        for i in range(64)]
 
 # FinetuneConfig values of the train_resume check. A strong L1 penalty (as the tests use)
 # so that rank moves between the stop and the end: the resume must carry it exactly.
@@ -619,6 +624,8 @@ def oom_check(name: str, fixture: dict[str, Any], workdir: Path, timeout: float,
     problems = list(verdict["problems"])
     if squeeze is None:
         problems.insert(0, "the memory was never squeezed (the run did not reach that point)")
+    elif proc.returncode == 0:
+        problems.insert(0, "the squeeze caused no out-of-memory error (the rest of the run fit in what was reserved)")
     disk = checkpoint_on_disk(run_dir)
     if not disk["intact"]:
         problems.append(f"no intact checkpoint: {disk.get('error')}")
