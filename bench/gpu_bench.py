@@ -173,32 +173,32 @@ class Attached:
     adapters: Optional[dict]  # L1RA: path -> L1RALinear
     rank_state: Any  # L1RA: RankState
     layer_type: str  # class of an adapted layer (checks that peft used its bnb 4-bit layer)
+    method: Any = None  # the product's method object (l1ra_lite.methods), which the loop's step drives
 
 
 def attach(method: str, model, budget: int, lr: float, seed: int) -> Attached:
-    """L1RA adapters + L1RAOptimizer, or stock peft LoRA with the same ranks + torch AdamW
-    (as l1ra_lite.train.attach_adapters sets them up)."""
+    """The product's L1RA method (adapters + L1RAOptimizer), or its stock peft LoRA with the
+    same ranks + torch AdamW, as l1ra_lite.methods.attach_method builds them."""
     import torch
 
-    from l1ra_lite.baselines import peft_lora
-    from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters, initial_ranks
-    from l1ra_lite.l1ra.inject import find_targets
+    from l1ra_lite.baselines import PeftLoRA
+    from l1ra_lite.l1ra.inject import find_targets, initial_ranks
+    from l1ra_lite.l1ra.method import L1RAMethod
 
     paths = find_targets(model)
     alpha = budget / len(paths)
     if method == "l1ra":
-        adapters = inject_adapters(model, budget, None, alpha, 0.0, seed=seed)
-        optimizer = L1RAOptimizer(adapters.values(), lr=lr, eta_c=2e-2, l1_lambda=5e-3)
-        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B, a.gate)]
-        state = RankState(budget, {p: a.rank for p, a in adapters.items()})
-        first = next(iter(adapters.values()))
-        return Attached(model, optimizer, params, adapters, state, type(first).__name__)
+        built = L1RAMethod.attach(model, paths, budget, alpha, 0.0, seed, lr, 0.0, eta_c=2e-2, l1_lambda=5e-3)
+        params = [p for a in built.adapters.values() for p in (a.lora_A, a.lora_B, a.gate)]
+        first = next(iter(built.adapters.values()))
+        return Attached(built.model, built.optimizer, params, built.adapters, built.rank_state, type(first).__name__,
+                        built)
     torch.manual_seed(seed)
-    model = peft_lora(model, paths, initial_ranks(budget, len(paths)), alpha, 0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    layer = model.get_submodule("base_model.model." + paths[0])
-    return Attached(model, optimizer, params, None, None, f"{type(layer).__module__}.{type(layer).__name__}")
+    built = PeftLoRA.attach(model, paths, initial_ranks(budget, len(paths)), alpha, 0.0, lr, 0.0)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    layer = built.model.get_submodule("base_model.model." + paths[0])
+    return Attached(built.model, built.optimizer, params, None, None, f"{type(layer).__module__}.{type(layer).__name__}",
+                    built)
 
 
 def state_tensors(attached: Attached) -> list:
@@ -340,7 +340,7 @@ def measure(job: Job, shape: dict[str, Any], device: str) -> dict[str, Any]:
     """Build, attach, train `job.steps` steps on random tokens; return the figures."""
     import torch
 
-    from l1ra_lite.loss import causal_lm_loss
+    from l1ra_lite.train import optimizer_step
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -363,14 +363,8 @@ def measure(job: Job, shape: dict[str, Any], device: str) -> dict[str, Any]:
         ids = torch.randint(0, shape["vocab_size"], (job.batch_size, job.seq_len), generator=ids_gen).to(device)
         _sync()
         start = time.perf_counter()
-        with torch.autocast(**autocast):
-            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})  # as the training loop does
-        loss.backward()
-        loss_value = loss.item()
-        del loss  # the graph must be gone before a resize
-        torch.nn.utils.clip_grad_norm_(attached.params, 1.0)
-        attached.optimizer.step()
-        attached.optimizer.zero_grad(set_to_none=True)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.cpu()}
+        loss_value, _ = optimizer_step(attached.method, [batch], job.lr, 1.0, device, autocast, step)  # the loop's step
         _sync()
         steps.append(time.perf_counter() - start)
         if step == 1 and cuda:

@@ -464,7 +464,8 @@ def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tm
 
     import torch
 
-    from l1ra_lite import loss, train
+    from l1ra_lite import loss
+    from l1ra_lite.train import step as train_step
 
     real = loss.causal_lm_loss
 
@@ -475,7 +476,7 @@ def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tm
         return out
 
     monkeypatch.setattr(loss, "causal_lm_loss", syncing_loss)
-    monkeypatch.setattr(train, "causal_lm_loss", syncing_loss, raising=False)
+    monkeypatch.setattr(train_step, "causal_lm_loss", syncing_loss)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
     settings = {**gpu_checks.SYNC, "seq_len": 64, "batch_size": 2, "max_steps": 4, "update_every": 2}
     threads = torch.get_num_threads()
