@@ -132,6 +132,13 @@ class PeftLoRA:
     def rank_snapshot(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def rank_summary(self) -> str:
+        if not self.moves_rank:
+            return ""
+        started = sum(m.lora_E["default"].shape[0] for m in self.model.modules()
+                      if "default" in getattr(m, "lora_E", {}))
+        return f"{sum(self.current_ranks().values())} of the {started} ranks AdaLoRA started with are unmasked"
+
     def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
                      tokenizer) -> None:
         self.model.save_pretrained(str(folder))

@@ -509,7 +509,8 @@ def plain_line(state: DashboardState, event: Event) -> Optional[str]:
 def final_line(event: RunFinished, state: DashboardState) -> str:
     if event.interrupted:
         return f"interrupted at step {event.step}: resume with the same command; run folder {event.output_dir}"
-    return (f"finished {event.step} steps in {format_duration(state.elapsed_s)}, {rank_summary_text(state)}; "
+    moves = f"; {event.rank_summary}" if event.rank_summary else ""
+    return (f"finished {event.step} steps in {format_duration(state.elapsed_s)}, {rank_summary_text(state)}{moves}; "
             f"adapter in {event.adapter_dir}")
 
 

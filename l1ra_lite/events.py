@@ -84,6 +84,7 @@ class RunFinished:
     output_dir: str
     adapter_dir: str
     interrupted: bool = False  # True when stopped by a signal before the last step
+    rank_summary: str = ""  # what moved over the run, or why nothing did
 
 
 Event = Union[RunStarted, StepLogged, Reallocated, Evaluated, CheckpointSaved, RunFinished]

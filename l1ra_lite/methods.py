@@ -46,6 +46,10 @@ class AdapterMethod(Protocol):
     def rank_snapshot(self) -> dict[str, torch.Tensor]:
         """Per-rank evidence to log at each reallocation ({} when there is none)."""
 
+    def rank_summary(self) -> str:
+        """One sentence for the end of the run: what moved, or why nothing did ("" if rank
+        does not move in this method)."""
+
     def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
                      tokenizer) -> None:
         """The finished adapter as a folder stock peft loads."""
@@ -57,7 +61,8 @@ def _l1ra(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_
     return L1RAMethod.attach(model, common["paths"], common["budget"], common["alpha"], config.dropout,
                              config.seed, config.lr, config.weight_decay, config.eta_c,
                              resolve_l1_lambda(config, total_steps), saved_ranks, rule=config.realloc_rule,
-                             shrink_until=window_end, grace=max(1, update_every))
+                             shrink_until=window_end, grace=max(1, update_every),
+                             window_steps=shrink_steps(config, total_steps))
 
 
 def _lora(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,

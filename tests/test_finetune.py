@@ -297,7 +297,12 @@ WINDOW = dict(realloc_rule="importance", shrink_until=0.6, log_gates=True, l1_la
 def test_the_importance_rule_with_a_window_moves_rank_then_folds_and_logs_the_evidence(workdir):
     from safetensors.torch import load_file as load
 
-    run_dir, _ = run(workdir, "window", **WINDOW)
+    from l1ra_lite.events import RunFinished
+
+    events = []
+    run_dir, _ = run(workdir, "window", events, **WINDOW)
+    summary = next(e for e in events if isinstance(e, RunFinished)).rank_summary
+    assert summary.split(" ranks moved")[0].endswith(" of 28")
     history = json.loads((run_dir / "ranks.json").read_text())["history"]
     moved = sum(sum(e["added"].values()) for e in history)
     assert moved > 0 and all(e["step"] < 8 for e in history)  # the window closes at 0.6 x 12 = step 7
@@ -318,6 +323,15 @@ def test_a_run_with_a_window_resumes_exactly(workdir):
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((straight / "ranks.json").read_text()) == json.loads((resumed / "ranks.json").read_text())
+
+
+def test_a_run_that_moves_no_rank_says_why_and_what_changes_that(workdir):
+    from l1ra_lite.events import RunFinished
+
+    events = []
+    run(workdir, "no-moves", events, l1_lambda="auto", l1_kappa=0.01, max_steps=6, eval_every=0, save_every=0)
+    summary = next(e for e in events if isinstance(e, RunFinished)).rank_summary
+    assert summary.startswith("no rank moved") and "--l1-kappa" in summary and "0.01" in summary
 
 
 def test_every_method_choice_has_a_method():

@@ -378,3 +378,16 @@ def test_folding_the_gates_into_b_keeps_the_function_and_frees_the_ranks():
     model(input_ids=x, labels=x).loss.backward()
     optimizer.step()
     assert all(torch.equal(a.gate, gate_before[p]) for p, a in adapters.items())
+
+
+def test_the_end_of_a_run_says_how_many_ranks_moved_and_where():
+    from l1ra_lite.l1ra.rank_state import describe_moves, ranks_before_moves
+
+    state = RankState(8, {"l.0.q_proj": 2, "l.0.k_proj": 2, "l.0.up_proj": 2, "l.0.down_proj": 2})
+    state.record(5, {"l.0.k_proj": 1, "l.0.q_proj": 1}, {"l.0.up_proj": 2}, {"l.0.q_proj": 1, "l.0.k_proj": 1,
+                                                                            "l.0.up_proj": 4, "l.0.down_proj": 2})
+    state.record(10, {"l.0.q_proj": 0}, {}, dict(state.ranks))
+    before = ranks_before_moves(state)
+    assert before == {"l.0.q_proj": 2, "l.0.k_proj": 2, "l.0.up_proj": 2, "l.0.down_proj": 2}
+    assert describe_moves(before, state.ranks, 8) == "2 of 8 ranks moved: up +2 from k -1, q -1"
+    assert describe_moves(before, before, 8) == ""

@@ -17,7 +17,7 @@ from l1ra_lite.l1ra.inject import inject_adapters
 from l1ra_lite.l1ra.layer import L1RALinear
 from l1ra_lite.l1ra.optim import L1RAOptimizer
 from l1ra_lite.l1ra.policy import importance_rule
-from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
+from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord, describe_moves, ranks_before_moves
 from l1ra_lite.l1ra.realloc import reallocate
 
 
@@ -32,18 +32,22 @@ class L1RAMethod:
     rule: str = "paper"  # which ranks go (policy.py): "paper" or "importance"
     shrink_until: Optional[int] = None  # last step of the shrink window; None: the whole run
     grace: int = 10  # importance rule: steps a new rank lives before it can be cut
+    l1_kappa: float = 0.0  # the most the L1 shrink alone takes off a gate (eta_c x lambda x window steps)
+    window_steps: int = 0  # steps of the shrink window
 
     moves_rank = True
 
     @classmethod
     def attach(cls, model, paths: list[str], budget: int, alpha: float, dropout: float, seed: int, lr: float,
                weight_decay: float, eta_c: float, l1_lambda: float, saved_ranks: Optional[dict[str, int]] = None,
-               rule: str = "paper", shrink_until: Optional[int] = None, grace: int = 10) -> "L1RAMethod":
+               rule: str = "paper", shrink_until: Optional[int] = None, grace: int = 10,
+               window_steps: int = 0) -> "L1RAMethod":
         adapters = inject_adapters(model, budget, paths, alpha, dropout, seed=seed, ranks=saved_ranks)
         optimizer = L1RAOptimizer(adapters.values(), lr=lr, weight_decay=weight_decay, eta_c=eta_c,
                                   l1_lambda=l1_lambda)
         state = RankState(budget, {p: a.rank for p, a in adapters.items()})
-        return cls(model, adapters, optimizer, state, alpha, seed, rule, shrink_until, grace)
+        return cls(model, adapters, optimizer, state, alpha, seed, rule, shrink_until, grace,
+                   eta_c * l1_lambda * window_steps, window_steps)
 
     def after_optimizer_step(self, step: int) -> None:
         """The gates' L1 shrink is part of the optimiser step; at the end of the shrink
@@ -80,6 +84,12 @@ class L1RAMethod:
     def current_ranks(self) -> dict[str, int]:
         return {p: a.rank for p, a in self.adapters.items()}
 
+    def rank_summary(self) -> str:
+        """What moved over the run, or why nothing did (for the end of a run)."""
+        state = self.rank_state
+        moved = describe_moves(ranks_before_moves(state), state.ranks, state.budget)
+        return moved or no_move_reason(self.rule, self.l1_kappa, self.window_steps, self.optimizer.prune_threshold)
+
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Checkpoint state beyond parameters and optimiser: none (ranks are in rank_state,
         a folded window in the optimiser's gate group)."""
@@ -98,6 +108,16 @@ class L1RAMethod:
 
         save_peft_adapter(self.adapters, folder, base_model, lora_alpha=max(1, round(self.alpha)),
                           dropout=dropout, target_modules=target_modules, tokenizer=tokenizer)
+
+
+def no_move_reason(rule: str, kappa: float, window_steps: int, threshold: float) -> str:
+    """Why a run moved no rank, and what changes that, in one sentence."""
+    if rule == "paper":
+        return (f"no rank moved: over {window_steps} steps the L1 shrink alone can lower a gate by at most "
+                f"{kappa:.2g} (l1-kappa), so a gate reaches the cut-off {threshold:.2g} only where the loss itself "
+                "drives it down; a larger --l1-kappa or a longer run moves rank")
+    return ("no rank moved: every rank's importance stayed within reach of the median and no gate fell below "
+            f"{threshold:.2g}; the task may use every rank where it is, or a larger --l1-kappa moves more")
 
 
 # The importance rule moves at most this share of the budget an event: enough to move

@@ -51,3 +51,27 @@ class RankState:
             for e in data.get("history", [])
         ]
         return cls(budget, {k: int(v) for k, v in data["ranks"].items()}, history)
+
+
+def ranks_before_moves(state: RankState) -> dict[str, int]:
+    """The ranks the run started with: before its first reallocation, or now if none."""
+    if not state.history:
+        return dict(state.ranks)
+    first = state.history[0]
+    return {p: r - first.added.get(p, 0) + first.pruned.get(p, 0) for p, r in first.ranks.items()}
+
+
+def describe_moves(before: dict[str, int], after: dict[str, int], budget: int) -> str:
+    """"84 of 840 ranks moved: up +30, gate +24 ... from k -41, q -27 ...": the net change
+    per module type ('_proj' left out), gains first, largest first; "" when none moved."""
+    net: dict[str, int] = {}
+    for path, rank in after.items():
+        kind = path.rsplit(".", 1)[-1].removesuffix("_proj")
+        net[kind] = net.get(kind, 0) + rank - before.get(path, rank)
+    moved = sum(max(0, after[p] - before.get(p, after[p])) for p in after)
+    if not moved:
+        return ""
+    gains = ", ".join(f"{k} +{v}" for k, v in sorted(net.items(), key=lambda kv: (-kv[1], kv[0])) if v > 0)
+    losses = ", ".join(f"{k} {v}" for k, v in sorted(net.items(), key=lambda kv: (kv[1], kv[0])) if v < 0)
+    within = " (within module types)" if not gains else ""
+    return f"{moved} of {budget} ranks moved{within}" + (f": {gains} from {losses}" if gains else "")

@@ -390,7 +390,8 @@ def _out_of_memory(run: Run, phase: str, rng_before: dict) -> None:
 def finish(run: Run) -> Path:
     write_ranks(run)
     adapter_dir = run_folder.save_adapter(run.method, run.run_dir, run.source, run.config, run.tokenizer)
-    run.report(RunFinished(run.progress.step, str(run.run_dir), str(adapter_dir)))
+    run.report(RunFinished(run.progress.step, str(run.run_dir), str(adapter_dir),
+                           rank_summary=run.method.rank_summary()))
     return adapter_dir
 
 
