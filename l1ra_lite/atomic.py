@@ -28,6 +28,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
 
 
+def write_tensors_atomic(path: Path, tensors: dict) -> None:
+    """A safetensors file, written aside and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = _aside(path, "tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 def replace_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """`write(folder)` fills a fresh folder beside `final`, which then takes its place. An
     existing `final` is moved aside first and removed last, so a complete one is always

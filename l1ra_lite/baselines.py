@@ -203,6 +203,9 @@ class PeftLoRA:
     def extra_state_bytes(self) -> int:
         return 0
 
+    def rank_snapshot(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
                      tokenizer) -> None:
         self.model.save_pretrained(str(folder))

@@ -37,6 +37,9 @@ class FinetuneConfig:
     l1_kappa: float = 0.5  # total L1 shrink a gate can receive over the run, when auto
     eta_c: float = 2e-2  # learning rate of the gates (constant)
     update_every: float = 0.05  # reallocation interval: fraction of the run (<1) or steps
+    realloc_rule: str = "paper"  # which ranks go: paper (gate below eta_c * lambda) | importance
+    shrink_until: float = 1.0  # share of the run after which the L1 shrink and reallocations stop and the gates fold into B
+    log_gates: bool = False  # write every rank's gate, moments and age at each reallocation (gates/)
     # data
     seq_len: int = 512
     packing: bool = False
@@ -66,7 +69,8 @@ class FinetuneConfig:
 
 
 METHOD_CHOICES = ("l1ra", "lora", "adalora")  # l1ra_lite.methods.METHODS has one entry each
-CHOICES = {"method": METHOD_CHOICES, "quant": QUANT_CHOICES, "dtype": DTYPE_CHOICES}
+CHOICES = {"method": METHOD_CHOICES, "quant": QUANT_CHOICES, "dtype": DTYPE_CHOICES,
+           "realloc_rule": ("paper", "importance")}
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
@@ -82,10 +86,17 @@ def steps_from(value: float, total_steps: int) -> int:
 
 
 def resolve_l1_lambda(config: FinetuneConfig, total_steps: int) -> float:
-    """'auto': the penalty follows the run length, lambda = kappa / (eta_c * steps)."""
+    """'auto': the penalty follows the length of the shrink window (the whole run unless
+    --shrink-until ends it earlier), lambda = kappa / (eta_c * steps): kappa is then the
+    most the L1 shrink alone can take off a gate."""
     if config.l1_lambda == "auto":
-        return config.l1_kappa / (config.eta_c * total_steps)
+        return config.l1_kappa / (config.eta_c * shrink_steps(config, total_steps))
     return float(config.l1_lambda)
+
+
+def shrink_steps(config: FinetuneConfig, total_steps: int) -> int:
+    """The optimiser steps of the shrink window (--shrink-until x the run)."""
+    return max(1, round(config.shrink_until * total_steps))
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -159,6 +170,8 @@ def validate(config: FinetuneConfig) -> None:
         raise UserError(f"dropout must be in [0, 1) (got {config.dropout})")
     if config.keep_checkpoints < 1:
         raise UserError(f"keep-checkpoints must be at least 1 (got {config.keep_checkpoints})")
+    if not 0 < config.shrink_until <= 1:
+        raise UserError(f"shrink-until must be in (0, 1] (got {config.shrink_until})")
     if not 0 <= config.eval_fraction < 1:
         raise UserError(f"eval-fraction must be in [0, 1) (got {config.eval_fraction})")
     if isinstance(config.target_modules, str):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from l1ra_lite.baselines import PeftAdaLoRA, PeftLoRA
-from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda
+from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda, shrink_steps
 from l1ra_lite.l1ra.inject import find_targets, initial_ranks
 from l1ra_lite.l1ra.method import L1RAMethod
 from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
@@ -43,6 +43,9 @@ class AdapterMethod(Protocol):
 
     def extra_state_bytes(self) -> int: ...
 
+    def rank_snapshot(self) -> dict[str, torch.Tensor]:
+        """Per-rank evidence to log at each reallocation ({} when there is none)."""
+
     def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
                      tokenizer) -> None:
         """The finished adapter as a folder stock peft loads."""
@@ -50,9 +53,11 @@ class AdapterMethod(Protocol):
 
 def _l1ra(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,
           saved_ranks: Optional[dict[str, int]]) -> L1RAMethod:
+    window_end = shrink_steps(config, total_steps) if config.shrink_until < 1 else None
     return L1RAMethod.attach(model, common["paths"], common["budget"], common["alpha"], config.dropout,
                              config.seed, config.lr, config.weight_decay, config.eta_c,
-                             resolve_l1_lambda(config, total_steps), saved_ranks)
+                             resolve_l1_lambda(config, total_steps), saved_ranks, rule=config.realloc_rule,
+                             shrink_until=window_end, grace=max(1, update_every))
 
 
 def _lora(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,

@@ -4,15 +4,20 @@ model. No timing is asserted."""
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `bench` package
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root: `bench` package
 
-from bench import gpu_bench, lr_sweep, run, seeds  # noqa: E402
+from bench import gpu_bench, gpu_checks, lr_sweep, run, seeds  # noqa: E402
 from bench.summary import (  # noqa: E402
     check_targets,
     compare,
@@ -450,20 +455,254 @@ def test_gpu_comparison_and_estimate_rows():
     assert row["within_tolerance"] is True and row["measured_device_peak_bytes"] == 150
 
 
-def test_gpu_measurement_code_path_on_a_tiny_cpu_model():
-    """What bench/gpu.sh runs on the H200, on a tiny shape: an NF4 model built in place,
-    L1RA with a steered reallocation, stock peft QLoRA on bitsandbytes layers."""
-    l1ra = gpu_bench.measure(gpu_bench.Job("l1ra", "l1ra", 32, 1, 28, 3, realloc_at=2), gpu_bench.TINY, "cpu")
+def test_gpu_script_cpu_path_runs_what_the_cpu_can_and_skips_the_rest(tmp_path):
+    """bench/gpu.sh --tiny --device cpu: the code paths of the H200 run on tiny shapes.
+    Model runs (an NF4 model built in place, L1RA with a steered reallocation, stock peft
+    QLoRA on bitsandbytes layers), the layer comparison and the product's train + resume
+    run; the CUDA-only parts are recorded as skipped with the reason."""
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--device", "cpu", "--jobs", "2",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert list(doc["status"]) == ["pytest_cuda", "layer", "l1ra", "realloc_memory", "lora", "train_resume",
+                                   "oom_step", "oom_eval", "sync", "estimate-tiny-a", "estimate-tiny-b"]
+    ran = {k: v for k, v in doc["status"].items() if v != "skipped"}
+    assert ran == {"layer": "ok", "l1ra": "ok", "lora": "ok", "train_resume": "ok"}
+    for name in ("pytest_cuda", "oom_step", "oom_eval", "sync"):
+        assert doc["checks"][name]["reason"].startswith("needs CUDA")
+    for name in ("estimate-tiny-a", "estimate-tiny-b"):
+        assert doc["runs"][name]["skipped"].startswith("needs CUDA") and doc["runs"][name]["job"]["method"] == "l1ra"
+    assert doc["versions"]["torch"] and doc["wall_s"] > 0
+
+    l1ra, lora = doc["runs"]["l1ra"], doc["runs"]["lora"]
     assert l1ra["layer_type"] == "L1RALinear"
     assert l1ra["realloc"]["moved"] == 4  # the last rank of k_proj and v_proj in 2 layers
     assert l1ra["rank_total"] == 28 and l1ra["realloc"]["rank_total"] == 28
-    assert len(l1ra["step_s"]) == 3 and l1ra["tokens_per_s"] > 0 and l1ra["peak_rss_bytes"] > 0
+    assert len(l1ra["step_s"]) == 8 and l1ra["tokens_per_s"] > 0 and l1ra["peak_rss_bytes"] > 0
     assert l1ra["last_loss"] == pytest.approx(5.55, abs=0.2)  # ln(256): random weights
-    lora = gpu_bench.measure(gpu_bench.Job("lora", "lora", 32, 1, 28, 2, realloc_at=0), gpu_bench.TINY, "cpu")
     assert lora["layer_type"] == "peft.tuners.lora.bnb.Linear4bit"  # peft's QLoRA layer, not its plain one
     assert lora["realloc"] is None and lora["rank_total"] == 28
     # Rank moved to the larger MLP matrices, and L1RA keeps gates and per-rank step counts.
     assert l1ra["trainable_state_bytes"] > lora["trainable_state_bytes"]
+    assert set(doc["summary"]["side_by_side"]) >= {"tokens_per_s_l1ra_over_lora", "peak_l1ra_over_lora"}
+    assert [row["name"] for row in doc["summary"]["estimator"]] == ["main", "tiny-a", "tiny-b"]
+
+    memory = doc["checks"]["realloc_memory"]  # the resizes ran; the allocated bytes need CUDA
+    assert memory["status"] == "skipped" and "CUDA" in memory["reason"]
+    move, halve = memory["move"], memory["halve"]
+    assert move["moved"] == 4 and move["pruned_by_type"] == {"up_proj": 2, "down_proj": 2}
+    assert move["added_by_type"] == {"k_proj": 2, "v_proj": 2}
+    assert move["before"]["rank_total"] == move["after"]["rank_total"] == 28  # the budget is conserved
+    assert move["expected_drop_bytes"] > 0 and "allocated_drop_bytes" not in move
+    assert halve["after"]["rank_total"] < halve["before"]["rank_total"] and halve["expected_drop_bytes"] > 0
+
+    layer = doc["checks"]["layer"]
+    assert set(layer["shapes"]) == {"64x224", "64x64"} and layer["tokens"] == 96
+    for row in layer["shapes"].values():
+        assert row["layer_types"]["lora"] == "peft.tuners.lora.bnb.Linear4bit"
+        for method in ("l1ra", "lora"):
+            assert row[method]["median_s"] > 0 and row[method]["output_dtype"] == "bfloat16"
+            for phase in ("forward", "backward"):
+                casts = row[method]["casts"][phase]
+                assert casts["ops"] > 0 and casts["casts"] >= casts["activation_casts"] >= casts["activation_to_fp32"]
+        assert row["time_l1ra_over_lora"] > 0
+    assert layer["targets"]["counter_saw_backward"] is True
+    assert isinstance(layer["targets"]["l1ra makes no fp32 copy of the activations"], bool)
+    assert doc["summary"]["layer"] == layer["targets"]
+
+    train = doc["checks"]["train_resume"]
+    assert train["resume"]["equal"] is True and train["resume"]["adapter_max_abs_diff"] == 0.0
+    assert train["stopped"]["stopped_at"] == 3 and train["stopped"]["checkpoints"] == ["checkpoint-3"]
+    assert [s for s, _ in train["straight"]["eval_loss"]] == [3, 6]
+    assert train["straight"]["ranks_moved"] > 0  # the resume carried moving ranks
+    assert train["straight"]["checkpoints"] == ["checkpoint-3", "checkpoint-6"]
+    assert train["model"]["shape"]["vocab_size"] == 128256 and "control" not in train
+    assert doc["fixture"]["n_adapters"] == 14
+
+
+def test_gpu_script_parts_degrade_to_recorded_errors(tmp_path):
+    """A part that raises, one out of time and a CUDA-only one on the CPU are recorded as
+    such; the others run, and the file is rewritten after each part."""
+    seen = []
+
+    def good(ctx, timeout):
+        seen.append(json.loads(out.read_text())["status"] if out.exists() else None)
+        return {"status": "ok", "figure": 1}
+
+    def broken(ctx, timeout):
+        raise RuntimeError("the GPU caught fire")
+
+    parts = [gpu_bench.Part("first", "checks", good), gpu_bench.Part("broken", "checks", broken),
+             gpu_bench.Part("cuda", "checks", good, cuda_only="a GPU"),
+             gpu_bench.Part("slow", "checks", good, min_s=1e6), gpu_bench.Part("last", "checks", good)]
+    out = tmp_path / "r.json"
+    doc = {"status": {}, "runs": {}, "checks": {}}
+    ctx = gpu_bench.Context(tiny=True, device="cpu", workdir=tmp_path)
+    gpu_bench.run_all(parts, ctx, doc, deadline=100.0, out=out, started=time.perf_counter(), shape=gpu_bench.TINY,
+                      settings=[])
+    assert doc["status"] == {"first": "ok", "broken": "error", "cuda": "skipped", "slow": "not_run", "last": "ok"}
+    assert "the GPU caught fire" in doc["checks"]["broken"]["error"] and doc["checks"]["broken"]["traceback"]
+    assert "needs CUDA (a GPU)" in doc["checks"]["cuda"]["reason"]
+    assert "out of time" in doc["checks"]["slow"]["reason"]
+    assert seen == [None, {"first": "ok", "broken": "error", "cuda": "skipped", "slow": "not_run"}]
+    assert json.loads(out.read_text())["status"] == doc["status"] and not gpu_bench.overall_ok(doc)
+    # A model run that did not run keeps the runs' format: {job, skipped}.
+    job = gpu_bench.Job("estimate-x", "l1ra", 8, 1, 14, 2, realloc_at=1)
+    gpu_bench.record(doc, gpu_bench.Part("estimate-x", "runs", good, job=job), {"status": "not_run", "reason": "late"})
+    assert doc["runs"]["estimate-x"] == {"skipped": "late", "job": asdict(job)}
+
+
+def test_cast_counts_tell_activations_from_weights():
+    records = [("_to_copy", "torch.bfloat16", "torch.float32", (1, 96, 64), 96 * 64 * 4),
+               ("_to_copy", "torch.float32", "torch.bfloat16", (1, 96, 64), 96 * 64 * 2),
+               ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
+               ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
+               ("copy_", "torch.bfloat16", "torch.float32", (96, 224), 96 * 224 * 4)]
+    s = gpu_checks.summarise_casts(records, tokens=96, ops=40)
+    assert (s["ops"], s["casts"], s["activation_casts"], s["activation_to_fp32"]) == (40, 5, 3, 2)
+    assert s["activation_cast_bytes"] == 96 * 64 * 6 + 96 * 224 * 4
+    assert {"op": "_to_copy", "from": "float32", "to": "bfloat16", "shape": "4x64", "count": 2} in s["list"]
+
+
+def test_cast_counter_sees_forward_backward_and_autocast():
+    import torch
+
+    layer = torch.nn.Linear(8, 5)  # fp32 weights, bf16 input: autocast casts the weight
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    with gpu_checks.CastCounter() as fwd:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.float())  # an explicit fp32 copy of the activation, cast back by autocast
+    with gpu_checks.CastCounter() as bwd:
+        y.sum().backward()
+    f = gpu_checks.summarise_casts(fwd.records, tokens=3, ops=fwd.seen["ops"])
+    b = gpu_checks.summarise_casts(bwd.records, tokens=3, ops=bwd.seen["ops"])
+    assert f["activation_to_fp32"] == 1 and f["activation_casts"] == 2 and f["casts"] >= 3
+    assert b["ops"] > 0 and b["activation_to_fp32"] >= 1
+
+
+def test_sync_counts_per_step():
+    # 2 syncs while loading, then steps 1-3 with 3, 0 and 2 syncs, 1 after the last step;
+    # non-sync warnings in between do not count.
+    flags = [True, True, False] + [True, True, True] + [False] + [True, False, True] + [True]
+    marks = [("start", 3), (1, 6), (2, 7), (3, 10)]
+    assert gpu_checks.count_syncs(flags, marks) == {"setup": 2, "per_step": {1: 3, 2: 0, 3: 2}, "after_last_step": 1}
+    assert gpu_checks.short_location(str(ROOT / "l1ra_lite" / "train.py"), 12) == "l1ra_lite/train.py:12"
+    assert gpu_checks.short_location("/x/site-packages/torch/nn/utils/clip_grad.py", 3) == \
+        "torch/nn/utils/clip_grad.py:3"
+
+
+def test_oom_contract_is_judged_on_the_cli_output():
+    good = ("l1ra-lite: starting l1ra run in x\n"
+            "l1ra-lite finetune: error: CUDA out of memory at step 3 with batch size 2 ...; "
+            "checkpoint of step 2 kept\n")
+    assert gpu_checks.judge_oom_output(2, good)["problems"] == []
+    traceback_run = "Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory.\n"
+    problems = gpu_checks.judge_oom_output(1, traceback_run)["problems"]
+    assert problems == ["exit code 1, expected 2", "0 lines start with 'l1ra-lite finetune: error:', expected 1",
+                        "a traceback on stderr"]
+    other = gpu_checks.judge_oom_output(2, "l1ra-lite finetune: error: cannot write to x\n")["problems"]
+    assert other == ["the error line does not say 'out of memory'"]
+
+
+def test_checkpoint_on_disk_verifies_the_latest(tmp_path):
+    import torch
+
+    from l1ra_lite import checkpoint as ckpt
+
+    assert gpu_checks.checkpoint_on_disk(tmp_path)["intact"] is False
+    state = {"step": 2, "skipped_steps": 0, "rank_state": {}, "fingerprint": {}}
+    saved = ckpt.Checkpoint({"a": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, state)
+    ckpt.save_checkpoint(tmp_path, 2, saved, keep=2)
+    assert gpu_checks.checkpoint_on_disk(tmp_path) == {
+        "intact": True, "latest": "checkpoint-2", "step": 2, "temporary_leftovers": [], "all": ["checkpoint-2"]}
+    with open(tmp_path / "checkpoint-2" / "trainable.safetensors", "r+b") as f:  # one flipped byte
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    broken = gpu_checks.checkpoint_on_disk(tmp_path)
+    assert broken["intact"] is False and "corrupt" in broken["error"]
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    """The saved Llama folder (128256-entry vocabulary, tiny width) and data of the GPU checks."""
+    return gpu_checks.build_small_llama(tmp_path_factory.mktemp("small-llama"), tiny=True)
+
+
+def test_oom_check_plumbing_with_a_simulated_oom(small_llama, tmp_path):
+    """The OOM part's subprocess (bootstrap, `python -m l1ra_lite finetune`, the judge, the
+    checkpoint check) on the CPU, with the bootstrap raising the OOM it would provoke on CUDA."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = gpu_checks.oom_check("oom_step", small_llama, tmp_path, 300, env, tiny=True, simulate=True)
+    assert result["status"] == "ok", result
+    assert result["squeeze"] == {"phase": "train", "training_passes": 3, "simulated": True}
+    assert result["exit_code"] == 2 and len(result["error_lines"]) == 1
+    assert result["checkpoint"]["latest"] == "checkpoint-2" and result["checkpoint"]["step"] == 2
+
+
+def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tmp_path, monkeypatch):
+    """sync's body on the CPU: every loss computation warns as a sync would under
+    set_sync_debug_mode("warn") (twice a micro-batch); the counts land on their steps."""
+    import warnings
+
+    import torch
+
+    from l1ra_lite import loss
+    from l1ra_lite.train import step as train_step
+
+    real = loss.causal_lm_loss
+
+    def syncing_loss(model, batch, *args, **kwargs):
+        warnings.warn("called a synchronizing CUDA operation")
+        out = real(model, batch, *args, **kwargs)
+        warnings.warn("called a synchronizing CUDA operation")
+        return out
+
+    monkeypatch.setattr(loss, "causal_lm_loss", syncing_loss)
+    monkeypatch.setattr(train_step, "causal_lm_loss", syncing_loss)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    settings = {**gpu_checks.SYNC, "seq_len": 64, "batch_size": 2, "max_steps": 4, "update_every": 2}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared machine: no spin-waiting for a busy second core
+    try:
+        r = gpu_checks.sync_check({"fixture": small_llama, "workdir": str(tmp_path), "settings": settings}, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert r["status"] == "ok" and r["reallocation_steps"] == [2] and r["setup"] == 0
+    evaluation = r["per_step"]["4"] - 4  # the last step also evaluates: 2 warnings a batch of 2 held-out rows
+    assert r["per_step"] == {"1": 4, "2": 4, "3": 4, "4": 4 + evaluation} and evaluation >= 2
+    assert r["median_per_step"] == 4 and r["after_last_step"] == 0
+    assert [x["count"] for x in r["top_locations"]] == [8 + evaluation // 2] * 2
+    assert all(x["where"].startswith("tests/test_bench.py:") for x in r["top_locations"])
+
+
+def test_pytest_cuda_part_runs_pytest_and_reads_its_report(tmp_path):
+    tests = tmp_path / "test_marked.py"
+    tests.write_text("import pytest\n\n@pytest.mark.cuda\ndef test_passes():\n    pass\n\n"
+                     "@pytest.mark.cuda\ndef test_fails():\n    assert 1 == 2\n\ndef test_unmarked():\n    pass\n")
+    r = gpu_checks.pytest_cuda_check(tmp_path, 120, dict(os.environ), files=[str(tests)])
+    assert r["status"] == "failed" and (r["passed"], r["failed"], r["total"]) == (1, 1, 2)
+    assert r["failing"][0]["test"].endswith("::test_fails") and r["output_tail"]
+
+
+def test_pytest_junit_counts_and_the_cuda_test_files():
+    report = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1"
+      failures="1" skipped="1" tests="5"><testcase classname="tests.test_loss" name="test_a"/>
+      <testcase classname="tests.test_loss" name="test_b">
+        <failure message="assert 1 == 2">long text</failure></testcase>
+      <testcase classname="tests.test_l1ra_nf4" name="test_c"><skipped message="needs a CUDA GPU"/></testcase>
+      <testcase classname="tests.test_x" name="test_d"><error message="collection failure&#10;more"/></testcase>
+      <testcase classname="tests.test_x" name="test_e"/></testsuite></testsuites>"""
+    counts = gpu_checks.junit_counts(report)
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"], counts["total"]) == (2, 1, 1, 1, 5)
+    assert counts["failing"] == [
+        {"test": "tests.test_loss::test_b", "kind": "failure", "message": "assert 1 == 2"},
+        {"test": "tests.test_x::test_d", "kind": "error", "message": "collection failure"}]
+    assert {"tests/test_l1ra_nf4.py", "tests/test_loss.py"} <= set(gpu_checks.cuda_test_files())
 
 
 def test_loss_memory_script_measures_both_losses(tmp_path, capsys):

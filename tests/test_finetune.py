@@ -176,8 +176,8 @@ def test_reallocation_waits_for_warmup_and_skips_the_last_step():
     assert schedule.first_update == 6 and schedule.next_update(6) == 9 and schedule.next_update(9) is None
     fractions = plan_schedule(FinetuneConfig(max_steps=200, warmup=0.03, update_every=0.05), 100)
     assert (fractions.warmup_steps, fractions.update_every) == (6, 10)
-    assert plan_schedule(FinetuneConfig(max_steps=9, method="lora", update_every=3), 10).update_every == 0
-    assert plan_schedule(FinetuneConfig(max_steps=9, method="adalora", update_every=3), 10).update_every == 3
+    window = plan_schedule(FinetuneConfig(max_steps=20, warmup=2, update_every=3, shrink_until=0.6), 100)
+    assert [s for s in range(21) if window.reallocates_at(s)] == [3, 6, 9] and window.next_update(9) is None
     by_epochs = plan_schedule(FinetuneConfig(epochs=2, batch_size=4, grad_accum=2), 37)
     assert by_epochs.total_steps == 10 and by_epochs.steps_per_epoch == 5  # ceil(2 * 37 / 8)
 
@@ -286,6 +286,45 @@ def test_hf_export_of_a_finished_run_equals_the_in_training_model(workdir, finis
         expected = in_training_model(workdir, run_dir)(input_ids=x).logits
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=x).logits
     assert (merged - expected).abs().max().item() <= 1e-3
+
+
+# ---------------------------------------------------------------- reallocation rules and the shrink window
+
+WINDOW = dict(realloc_rule="importance", shrink_until=0.6, log_gates=True, l1_lambda="auto", l1_kappa=1.5,
+              max_steps=12, update_every=2, warmup=1, eval_every=0, save_every=4)
+
+
+def test_the_importance_rule_with_a_window_moves_rank_then_folds_and_logs_the_evidence(workdir):
+    from safetensors.torch import load_file as load
+
+    run_dir, _ = run(workdir, "window", **WINDOW)
+    history = json.loads((run_dir / "ranks.json").read_text())["history"]
+    moved = sum(sum(e["added"].values()) for e in history)
+    assert moved > 0 and all(e["step"] < 8 for e in history)  # the window closes at 0.6 x 12 = step 7
+    assert sum(history[-1]["ranks"].values()) == 28
+    logged = sorted((run_dir / "gates").glob("step-*.safetensors"))
+    assert [int(p.stem[5:]) for p in logged] == [e["step"] for e in history]
+    snapshot = load(str(logged[0]))
+    path = next(iter(history[0]["ranks"]))
+    assert {f"{path}.{k}" for k in ("gate", "exp_avg", "exp_avg_sq", "fisher", "step", "b_norm")} <= set(snapshot)
+    latest = json.loads((run_dir / "latest").read_text())["checkpoint"]
+    gates = [t for k, t in load(str(run_dir / latest / "trainable.safetensors")).items() if k.endswith(".gate")]
+    assert all(torch.equal(g, torch.ones_like(g)) for g in gates)  # folded into B at the window's end
+
+
+def test_a_run_with_a_window_resumes_exactly(workdir):
+    straight, _ = run(workdir, "window-straight", **WINDOW)
+    resumed = run_with_a_stop(workdir, "window-resumed", 5, **WINDOW)
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "ranks.json").read_text()) == json.loads((resumed / "ranks.json").read_text())
+
+
+def test_every_method_choice_has_a_method():
+    from l1ra_lite.config import CHOICES
+    from l1ra_lite.methods import METHODS
+
+    assert set(METHODS) == set(CHOICES["method"])
 
 
 # ---------------------------------------------------------------- AdaLoRA as its authors run it

@@ -134,8 +134,8 @@ def held_elements(adapters, optimizer):
 
 def implied_elements(adapters):
     # per rank: A row (in) + B column (out) + gate (1), each x4 (param, grad, 2 moments),
-    # plus the per-rank step count of each of the three parameters
-    return sum(a.rank * ((a.in_features + a.out_features + 1) * 4 + 3) for a in adapters.values())
+    # plus the per-rank step count of each of the three parameters and the gate's fisher
+    return sum(a.rank * ((a.in_features + a.out_features + 1) * 4 + 3 + 1) for a in adapters.values())
 
 
 def test_memory_follows_the_ranks_after_growing_and_shrinking():
@@ -352,3 +352,29 @@ def test_under_autocast_the_adapter_makes_no_fp32_copy_of_its_input():
     with CopiesOf(x.numel()) as counter:
         layer(x).float().sum().backward()
     assert torch.float32 in counter.copies
+
+
+# ---------------------------------------------------------------- the shrink window
+
+
+def test_folding_the_gates_into_b_keeps_the_function_and_frees_the_ranks():
+    from l1ra_lite.l1ra.method import fold_gates
+
+    model, adapters, optimizer = trained_tiny(budget=28, steps=4)
+    with torch.no_grad():
+        for adapter in adapters.values():
+            adapter.gate.uniform_(0.2, 0.9)  # shrunk gates, as after a window of L1
+    x = random_batch(9)
+    before = logits(model, x)
+    b_moment = {p: optimizer.state[a.lora_B]["exp_avg"].clone() for p, a in adapters.items()}
+    gates = {p: a.gate.detach().clone() for p, a in adapters.items()}
+    fold_gates(adapters, optimizer)
+    assert (logits(model, x) - before).abs().max() < 1e-5
+    assert all(torch.equal(a.gate, torch.ones_like(a.gate)) for a in adapters.values())
+    for path, adapter in adapters.items():  # moments follow B's new scale, column by column
+        assert torch.allclose(optimizer.state[adapter.lora_B]["exp_avg"] * gates[path], b_moment[path], atol=1e-9)
+    assert optimizer.prune_threshold < 1e-9  # the gates no longer move or shrink
+    gate_before = {p: a.gate.detach().clone() for p, a in adapters.items()}
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(a.gate, gate_before[p]) for p, a in adapters.items())

@@ -20,7 +20,7 @@ HELP = "fine-tune a base model with L1RA adapters (defaults: the embedded SmolLM
 # so that a run that ran out of memory can continue with smaller micro-batches.
 CHANGEABLE_ON_RESUME = ("plain", "eval_every", "save_every", "keep_checkpoints", "log_every",
                         "batch_size", "grad_accum")
-RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest")
+RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--l1-kappa", "with --l1-lambda auto: the total shrink a gate can get over the run (default 0.5)",
         type=float)
     opt("--eta-c", "learning rate of the gates, constant (default 0.02)", type=float)
+    opt("--realloc-rule", "which ranks go at a reallocation: paper (default: gates below eta-c x lambda) or "
+        "importance (gate^2 x the running mean of its squared gradient, far below the median)",
+        choices=CHOICES["realloc_rule"])
+    opt("--shrink-until", "share of the run after which the L1 shrink and the reallocations stop and the gates "
+        "are folded into B, so that no rank stays throttled (default 1: the whole run, no fold)", type=float)
+    flag("--log-gates", "write every rank's gate, Adam moments and age at each reallocation into gates/ "
+         "(for bench/realloc_replay.py)")
     opt("--update-every", "reallocate every N optimiser steps, or this fraction of the run when < 1 "
         "(default 0.05)", type=float)
 

@@ -3,7 +3,10 @@
 - A and B: AdamW with the scheduled learning rate and weight decay.
 - c (the gates): Adam with its own constant learning rate eta_c and no weight decay,
   then the decoupled L1 shrink  c <- c - eta_c * lambda * sign_dz(c)  (no shrink inside
-  the dead zone |c| <= eta_c * lambda), then a clamp to [0, 1].
+  the dead zone |c| <= eta_c * lambda), then a clamp to [0, 1]. Each gate also keeps a
+  fast running mean of its squared gradient ("fisher", beta FISHER_BETA): the evidence
+  the importance rule (policy.py) weighs a rank by. Adam's own second moment forgets too
+  slowly (beta2 0.999: a thousand steps) to say what a rank does now.
 
 Every rank keeps its own step count (a vector per parameter, along the rank
 dimension), so a rank added by a reallocation at step 500 gets the bias correction of
@@ -25,6 +28,7 @@ from l1ra_lite.l1ra.layer import L1RALinear
 
 # Which dimension of each kind of parameter is the rank dimension.
 RANK_DIM = {"A": 0, "B": 1, "gate": 0}
+FISHER_BETA = 0.95  # about the last 20 steps
 
 
 class L1RAOptimizer(torch.optim.Optimizer):
@@ -74,7 +78,10 @@ class L1RAOptimizer(torch.optim.Optimizer):
                 continue
             rank_dim = RANK_DIM[group["kind"]]
             states = [self._state(p, rank_dim) for p in params]
-            _adam_per_rank(params, [p.grad for p in params], states, group, rank_dim)
+            grads = [p.grad for p in params]
+            if group["kind"] == "gate":
+                torch._foreach_lerp_([s["fisher"] for s in states], torch._foreach_mul(grads, grads), 1 - FISHER_BETA)
+            _adam_per_rank(params, grads, states, group, rank_dim)
             if group["kind"] == "gate":
                 _l1_shrink_and_clamp(params, group["lr"] * group["l1_lambda"])
         return None
@@ -85,6 +92,8 @@ class L1RAOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros(p.shape[rank_dim], dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if rank_dim == 0 and p.dim() == 1 and "fisher" not in state:  # a gate (also of an older checkpoint)
+            state["fisher"] = torch.zeros_like(p)
         return state
 
 

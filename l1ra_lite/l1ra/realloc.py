@@ -12,13 +12,13 @@ a step count of 0 (their own bias correction).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from l1ra_lite.l1ra.layer import L1RALinear, fresh_rows
-from l1ra_lite.l1ra.optim import RANK_DIM
-from l1ra_lite.l1ra.policy import plan_reallocation
+from l1ra_lite.l1ra.optim import FISHER_BETA, RANK_DIM
+from l1ra_lite.l1ra.policy import RankEvidence, Verdict, paper_rule, plan_moves
 from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
 
 
@@ -67,6 +67,24 @@ def _resized(t: torch.Tensor, dim: int, index: torch.Tensor, n_new: int) -> torc
     return torch.cat([kept, t.new_zeros(pad_shape)], dim)
 
 
+def rank_evidence(adapters: dict[str, L1RALinear], optimizer: Optional[torch.optim.Optimizer]
+                  ) -> list[RankEvidence]:
+    """Per adapter: its gates, their bias-corrected squared-gradient mean and their ages
+    (zeros where the optimiser has not stepped yet)."""
+    evidence = []
+    for adapter in adapters.values():
+        gate = adapter.gate.detach().float().cpu()
+        state = optimizer.state.get(adapter.gate, {}) if optimizer is not None else {}
+        age = state.get("step", torch.zeros_like(gate)).float().cpu()
+        fisher = state.get("fisher", torch.zeros_like(gate)).float().cpu()
+        fisher = fisher / (1 - FISHER_BETA ** age).clamp_min(1e-12) * (age > 0)
+        evidence.append(RankEvidence(gate.tolist(), fisher.tolist(), age.int().tolist()))
+    return evidence
+
+
+Rule = Callable[[list[RankEvidence]], Verdict]
+
+
 def reallocate(
     adapters: dict[str, L1RALinear],
     rank_state: RankState,
@@ -74,11 +92,13 @@ def reallocate(
     threshold: float,
     optimizer: Optional[torch.optim.Optimizer] = None,
     generator: Optional[torch.Generator] = None,
+    rule: Optional[Rule] = None,
 ) -> ReallocationRecord:
-    """Prune gates below `threshold`, hand the freed ranks out, resize, record."""
+    """Cut the ranks `rule` names (default: the paper's, gates below `threshold`), hand
+    the freed ranks out, resize, record."""
     paths = list(adapters)
-    gates = [adapters[p].gate.detach().float().cpu().tolist() for p in paths]
-    plan = plan_reallocation(gates, threshold)
+    evidence = rank_evidence(adapters, optimizer)
+    plan = plan_moves(rule(evidence) if rule is not None else paper_rule(evidence, threshold))
     for path, keep, n_new in zip(paths, plan.keep, plan.added):
         if len(keep) != adapters[path].rank or n_new:
             resize_adapter(adapters[path], list(keep), n_new, optimizer, generator)

@@ -276,6 +276,8 @@ def maybe_reallocate(run: Run) -> Optional[float]:
     step = run.progress.step
     if not (run.method.moves_rank and run.schedule.reallocates_at(step)):
         return None
+    if run.config.log_gates:
+        run_folder.write_rank_snapshot(run.run_dir, step, run.method.rank_snapshot())
     started = time.perf_counter()
     event = run.method.reallocate(step)
     seconds = time.perf_counter() - started

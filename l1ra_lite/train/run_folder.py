@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from l1ra_lite.adapter_io import target_names
-from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_text_atomic
+from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_tensors_atomic, write_text_atomic
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra.inject import find_targets
@@ -52,6 +52,19 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+GATES_DIR = "gates"
+
+
+def write_rank_snapshot(run_dir: Path, step: int, tensors: dict) -> None:
+    """gates/step-<step>.safetensors: every rank's evidence before the reallocation of
+    that step (--log-gates; read by bench/realloc_replay.py)."""
+    if not tensors:
+        return
+    folder = run_dir / GATES_DIR
+    folder.mkdir(exist_ok=True)
+    write_tensors_atomic(folder / f"step-{step:06d}.safetensors", tensors)
 
 
 def save_adapter(method, run_dir: Path, source: ModelSource, config: FinetuneConfig, tokenizer) -> Path:

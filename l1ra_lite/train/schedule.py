@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from l1ra_lite.config import FinetuneConfig, steps_from
+from l1ra_lite.config import FinetuneConfig, shrink_steps, steps_from
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class Schedule:
     update_every: int  # steps between reallocations (L1RA) or AdaLoRA's deltaT; 0: none
     eval_every: int  # 0: only at the end
     save_every: int  # 0: only at the end
+    update_until: int = 0  # reallocations happen before this step (the shrink window's end); 0: the run's end
+
+    @property
+    def last_update_bound(self) -> int:
+        return self.update_until or self.total_steps
 
     @property
     def first_update(self) -> int:
@@ -30,13 +35,13 @@ class Schedule:
 
     def reallocates_at(self, step: int) -> bool:
         return bool(self.update_every) and step >= self.first_update and step % self.update_every == 0 \
-            and step < self.total_steps
+            and step < self.last_update_bound
 
     def next_update(self, step: int) -> Optional[int]:
         if not self.update_every:
             return None
         nxt = max(self.first_update, (step // self.update_every + 1) * self.update_every)
-        return nxt if nxt < self.total_steps else None
+        return nxt if nxt < self.last_update_bound else None
 
 
 def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
@@ -47,9 +52,10 @@ def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
         steps_per_epoch=max(1, math.ceil(n_train_examples / per_step)),
         examples_per_step=per_step,
         warmup_steps=steps_from(config.warmup, total),
-        update_every=steps_from(config.update_every, total) if config.method != "lora" else 0,
+        update_every=steps_from(config.update_every, total),
         eval_every=steps_from(config.eval_every, total),
         save_every=steps_from(config.save_every, total),
+        update_until=shrink_steps(config, total) if config.shrink_until < 1 else 0,
     )
 
 
