@@ -327,27 +327,39 @@ class Stop:
         print("lr_sweep: stopping; the run in progress writes a checkpoint", file=sys.stderr, flush=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def take_lock(sweep_dir: Path) -> Path:
-    """One sweep at a time per folder: two would train the same run folder at once."""
+    """One sweep at a time per folder: two would train the same run folder at once. The
+    lock holds the sweep's pid and its run's (a run outlives a sweep killed with SIGKILL)."""
     lock = sweep_dir / "lock"
     if lock.exists():
         try:
-            pid = int(lock.read_text().strip())
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            pass  # a stale lock
-        except PermissionError:
-            raise SystemExit(f"lr_sweep: {lock} is held by process {pid}") from None
-        else:
-            if pid != os.getpid():
-                raise SystemExit(f"lr_sweep: another sweep (pid {pid}) works in {sweep_dir}; wait for it or stop it "
-                                 f"(kill {pid}: its run writes a checkpoint)")
-    lock.write_text(f"{os.getpid()}\n")
+            pids = [int(x) for x in lock.read_text().split()]
+        except ValueError:
+            pids = []
+        busy = [pid for pid in pids if pid != os.getpid() and _alive(pid)]
+        if busy:
+            raise SystemExit(f"lr_sweep: another sweep or its run (pid {', '.join(map(str, busy))}) works in "
+                             f"{sweep_dir}; wait for it or stop it (kill {busy[0]}: a run writes a checkpoint)")
+    write_lock(lock)
     return lock
 
 
+def write_lock(lock: Path, child: Optional[int] = None) -> None:
+    lock.write_text(f"{os.getpid()}" + (f" {child}" if child else "") + "\n")
+
+
 def train_one(method: str, lr: float, settings: dict[str, Any], runs_dir: Path, save_every: int,
-              timeout_s: float, threads: Optional[int], stop: Stop) -> Optional[int]:
+              timeout_s: float, threads: Optional[int], stop: Stop, lock: Optional[Path] = None) -> Optional[int]:
     """Bring one grid point to the end: read it if finished, resume it if it has a
     checkpoint, else start it. Returns the child's exit code (None if nothing ran)."""
     name = run_name(method, lr)
@@ -369,6 +381,8 @@ def train_one(method: str, lr: float, settings: dict[str, Any], runs_dir: Path, 
 
     def started(proc: subprocess.Popen) -> None:
         stop.child = proc
+        if lock is not None:
+            write_lock(lock, proc.pid)
 
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     child = run.run_child(cmd, log_path, timeout_s, run.child_env(threads), on_start=started)
@@ -483,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for method, lr in todo:
                 if stop.requested or (args.max_runs is not None and ran >= args.max_runs):
                     break
-                train_one(method, lr, settings, runs_dir, args.save_every, args.timeout, args.threads, stop)
+                train_one(method, lr, settings, runs_dir, args.save_every, args.timeout, args.threads, stop, lock)
                 ran += 1
                 write_results()
         finally:

@@ -378,6 +378,20 @@ def test_the_sweep_figures_and_the_best_rate_of_each_method(tmp_path):
     json.dumps(doc)  # JSON-ready
 
 
+def test_one_sweep_at_a_time_even_when_only_its_run_is_left(tmp_path):
+    lock = lr_sweep.take_lock(tmp_path)
+    assert lock.read_text().split() == [str(os.getpid())]  # our own lock: taken again
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"999999999 {sleeper.pid}\n")  # a sweep gone, its run still training
+        with pytest.raises(SystemExit, match=f"pid {sleeper.pid}"):
+            lr_sweep.take_lock(tmp_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lr_sweep.take_lock(tmp_path) == lock  # both gone: a stale lock
+
+
 def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp_path):
     from tests.tiny import save_tiny_base
 
