@@ -167,6 +167,20 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     return {"status": status, "steps_done": done, "total_steps": total}
 
 
+def training_now(run_dir: Path) -> Optional[int]:
+    """The pid of a live `l1ra_lite finetune` process that trains `run_dir` (Linux: read
+    from /proc; elsewhere None)."""
+    target = str(run_dir)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "l1ra_lite" in args and "finetune" in args and target in args:
+            return int(cmdline.parent.name)
+    return None
+
+
 def _attempts_path(runs_dir: Path, name: str) -> Path:
     return runs_dir / f"{name}.attempts.json"
 
@@ -185,8 +199,9 @@ def run_record(method: str, lr: float, alpha: Optional[float], runs_dir: Path, w
     record: dict[str, Any] = {
         "name": name, "method": method, "lr": lr, "alpha": alpha, **state,
         "val_loss": None, "val_curve": [], "last_train_loss": None, "train_s": None, "median_step_s": None,
-        "median_step_cpu_s": None, "wall_s": round(sum(a.get("wall_s", 0) for a in attempts), 1),
-        "cpu_s": round(sum(a.get("cpu_s", 0) for a in attempts), 1), "attempts": len(attempts),
+        "median_step_cpu_s": None, "attempts": len(attempts),
+        "wall_s": round(sum(a.get("wall_s", 0) for a in attempts), 1) if attempts else None,
+        "cpu_s": round(sum(a.get("cpu_s", 0) for a in attempts), 1) if attempts else None,
         "rank_total": None, "ranks_by_type": None, "run_dir": str(run_dir),
     }
     metrics_path = run_dir / "metrics.jsonl"
@@ -205,6 +220,10 @@ def run_record(method: str, lr: float, alpha: Optional[float], runs_dir: Path, w
             record.update(median_step_s=fig.median_step_s, median_step_cpu_s=fig.median_step_cpu_s)
             if state["status"] == "finished":
                 record.update(rank_total=fig.rank_total, ranks_by_type=fig.ranks_by_type)
+    if state["status"] in ("partial", "stale"):
+        pid = training_now(run_dir)
+        if pid is not None:
+            record.update(status="running", pid=pid)  # wall_s, cpu_s: of the attempts that ended
     if state["status"] == "finished" and record["val_curve"]:
         record["val_loss"] = record["val_curve"][-1][1]  # the evaluation after the last step
     return record
@@ -246,8 +265,8 @@ def _cell(r: Optional[dict[str, Any]]) -> str:
     if r["val_curve"]:
         step, loss = r["val_curve"][-1]
         return f"({loss:.4f} at step {step}; {r['steps_done']}/{r['total_steps']})"
-    if r["status"] in ("partial", "stale"):
-        return f"(running / stopped at step {r['steps_done']})"
+    if r["status"] in ("partial", "stale", "running"):
+        return f"({r['status']} at step {r['steps_done']})"
     return "-"
 
 
@@ -293,7 +312,7 @@ def sweep_document(settings: dict[str, Any], sweep: dict[str, Any], machine: dic
     records = [run_record(m, lr, settings["method_settings"][m]["alpha"], runs_dir, settings["warmup_skip"])
                for m, lr in order]
     for r in records:
-        if r["status"] == "partial":
+        if r["status"] in ("partial", "running"):
             r["resume_command"] = " ".join(resume_command(Path(r["run_dir"]))[1:])
     return {"settings": settings, "sweep": sweep, "machine": machine, "runs": records,
             "winners": winners(records, sweep["lrs"])}
@@ -366,6 +385,10 @@ def train_one(method: str, lr: float, settings: dict[str, Any], runs_dir: Path, 
     run_dir = runs_dir / name
     state = run_state(run_dir)
     if state["status"] == "finished":
+        return None
+    busy = training_now(run_dir)
+    if busy is not None:  # e.g. the run of a sweep that was killed with SIGKILL
+        print(f"lr_sweep: {name}: process {busy} trains it already; skipped", file=sys.stderr, flush=True)
         return None
     if state["status"] == "partial":
         cmd, kind = resume_command(run_dir), "resume"

@@ -392,6 +392,25 @@ def test_one_sweep_at_a_time_even_when_only_its_run_is_left(tmp_path):
     assert lr_sweep.take_lock(tmp_path) == lock  # both gone: a stale lock
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_a_run_that_some_process_trains_is_shown_running_and_not_started_twice(tmp_path):
+    run_dir = tmp_path / "runs" / "lora-lr0.001"
+    write_run(run_dir, 30, checkpoint=True)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                "l1ra_lite", "finetune", "--resume", str(run_dir)])
+    try:
+        time.sleep(0.5)
+        assert lr_sweep.training_now(run_dir) == trainer.pid
+        record = lr_sweep.run_record("lora", 1e-3, None, tmp_path / "runs", 2)
+        assert (record["status"], record["pid"]) == ("running", trainer.pid)
+        assert lr_sweep.train_one("lora", 1e-3, {}, tmp_path / "runs", 25, 60, 1, lr_sweep.Stop()) is None
+        assert lr_sweep.read_attempts(tmp_path / "runs", "lora-lr0.001") == []
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert lr_sweep.training_now(run_dir) is None
+
+
 def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp_path):
     from tests.tiny import save_tiny_base
 
