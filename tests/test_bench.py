@@ -5,6 +5,7 @@ model. No timing is asserted."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: `bench` package
 
-from bench import gpu_bench, gpu_checks, run, seeds  # noqa: E402
+from bench import gpu_bench, gpu_checks, lr_sweep, run, seeds  # noqa: E402
 from bench.summary import (  # noqa: E402
     check_targets,
     compare,
@@ -190,15 +191,30 @@ def test_reading_a_run_folder(tmp_path):
     assert ranks_by_type({}) == {}
 
 
-def test_settings_and_commands_differ_only_in_the_method(tmp_path):
+def without_own_settings(cmd):
+    """A bench command less its method-specific part: --method, --lr, --alpha and their values."""
+    out, skip = [], False
+    for arg in cmd:
+        if skip:
+            skip = False
+        elif arg in ("--method", "--lr", "--alpha"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def test_settings_and_commands_differ_only_in_the_method_and_its_own_lr_and_alpha(tmp_path):
     args = run.parse_args(["--quick"])
     settings = run.bench_settings(args, n_adapters=210)
     assert (settings["budget"], settings["steps"], settings["seq_len"]) == (840, 16, 128)
     cmds = {m: run.finetune_command(m, settings, tmp_path / "x") for m in run.METHODS}
-    i = cmds["lora"].index("--method") + 1
     for m, cmd in cmds.items():
-        assert cmd[i] == m
-        assert cmd[:i] + cmd[i + 1:] == cmds["lora"][:i] + cmds["lora"][i + 1:]
+        assert cmd[cmd.index("--method") + 1] == m
+        assert float(cmd[cmd.index("--lr") + 1]) == run.METHOD_DEFAULTS[m]["lr"]
+        assert without_own_settings(cmd) == without_own_settings(cmds["lora"])
+    assert "--alpha" not in cmds["lora"]  # finetune's default: the mean rank
+    assert float(cmds["adalora"][cmds["adalora"].index("--alpha") + 1]) == 16.0
     assert "--budget" in cmds["l1ra"] and cmds["l1ra"][cmds["l1ra"].index("--budget") + 1] == "840"
     with pytest.raises(SystemExit, match="not a multiple"):
         run.bench_settings(run.parse_args(["--budget", "500"]), n_adapters=210)
@@ -219,6 +235,210 @@ def test_peak_memory_is_measured_per_child(tmp_path):
     assert small.peak_rss_bytes > 0
     failed = run.run_child([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "f.log", 60, env)
     assert failed.returncode == 3
+
+
+def test_each_method_gets_its_own_lr_and_alpha_from_the_command_line():
+    own = run.method_settings(["adalora=1e-3", "lora = 5e-4"], ["l1ra=8"])
+    assert own["adalora"] == {"lr": 1e-3, "alpha": 16.0}
+    assert own["lora"] == {"lr": 5e-4, "alpha": None}
+    assert own["l1ra"] == {"lr": run.METHOD_DEFAULTS["l1ra"]["lr"], "alpha": 8.0}
+    assert run.METHOD_DEFAULTS["adalora"]["lr"] == 5e-4  # untouched
+    for bad, message in ((["dora=1e-3"], "unknown method"), (["lora=fast"], "METHOD=NUMBER"), (["lora=0"], "positive")):
+        with pytest.raises(SystemExit, match=message):
+            run.method_settings(bad, [])
+
+
+def test_the_bench_alpha_of_adalora_is_its_authors():
+    from l1ra_lite.baselines import ADALORA_ALPHA
+
+    assert run.METHOD_DEFAULTS["adalora"]["alpha"] == ADALORA_ALPHA
+
+
+# ---------------------------------------------------------------- bench/lr_sweep.py
+
+
+def _keys(rows):
+    return [json.dumps(r.get("messages", r.get("text")), sort_keys=True) for r in rows]
+
+
+@pytest.mark.parametrize("seed", [42, 43])
+def test_the_sweep_never_uses_a_row_of_the_final_tables_eval_split(tmp_path, seed):
+    """The sweep trains and validates on the training rows of the bench's standard split
+    (the embedded corpus), and what it holds out as validation is again a part of those."""
+    from l1ra_lite.data import load_rows, split_rows
+
+    rows, _ = load_rows(None, skip_bad_rows=True)
+    train, held_out = split_rows(rows, lr_sweep.EVAL_FRACTION, 200, seed)
+    info = lr_sweep.write_sweep_data(tmp_path / "rows.jsonl", None, lr_sweep.EVAL_FRACTION, 200, seed)
+    written, _ = load_rows(str(tmp_path / "rows.jsonl"))
+    assert _keys(written) == _keys(train)  # exactly the training rows, in their order: no eval row
+    assert info["sweep_rows"] == len(train) == len(rows) - len(held_out)
+    sweep_train, validation = split_rows(written, lr_sweep.EVAL_FRACTION, 200, seed)  # what finetune --data does
+    assert len(validation) == info["validation_rows"] > 0 and len(sweep_train) + len(validation) == len(train)
+    # The corpus repeats conversations: a validation row may have the content of a final
+    # eval row, but only content that the bench trains on as well.
+    assert set(_keys(validation)) & set(_keys(held_out)) <= set(_keys(train))
+    assert info["train_rows_with_eval_content"] == sum(k in set(_keys(held_out)) for k in _keys(train))
+
+
+def test_the_sweep_can_leave_out_every_row_with_eval_content(tmp_path):
+    source = tmp_path / "dups.jsonl"
+    rows = [{"prompt": f"q{i % 30}", "completion": f"a{i % 30}"} for i in range(120)]  # each one 4 times
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from l1ra_lite.data import load_rows, split_rows
+
+    loaded, _ = load_rows(str(source))
+    _, held_out = split_rows(loaded, 0.05, 200, 7)
+    info = lr_sweep.write_sweep_data(tmp_path / "strict.jsonl", str(source), 0.05, 200, 7, exclude_eval_content=True)
+    written, _ = load_rows(str(tmp_path / "strict.jsonl"))
+    assert not set(_keys(written)) & set(_keys(held_out))
+    assert info["dropped_rows_with_eval_content"] == info["train_rows_with_eval_content"] > 0
+    assert info["sweep_rows"] == len(written) == 120 - len(held_out) - info["dropped_rows_with_eval_content"]
+
+
+def test_the_sweep_order_puts_the_recommended_rates_first_then_the_extremes():
+    lrs = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3]
+    order = lr_sweep.sweep_order(["lora", "l1ra", "adalora"], lrs)
+    assert sorted(order) == sorted((m, lr) for m in ("lora", "l1ra", "adalora") for lr in lrs)  # each once
+    assert order[:3] == [("adalora", 5e-4), ("lora", 2e-4), ("l1ra", 2e-4)]
+    assert order[3:9] == [("adalora", 2e-3), ("lora", 2e-3), ("l1ra", 2e-3),
+                          ("adalora", 1e-4), ("lora", 1e-4), ("l1ra", 1e-4)]
+    assert lr_sweep.sweep_order(["lora"], [3e-4, 1e-3])[0] == ("lora", 3e-4)  # the grid point nearest 2e-4
+
+
+def test_a_sweep_run_is_the_bench_command_with_its_lr_data_and_checkpoints(tmp_path):
+    settings = run.bench_settings(run.parse_args([]), n_adapters=210)
+    bench = run.finetune_command("adalora", settings, tmp_path / "r")
+    swept = lr_sweep.sweep_command("adalora", 1e-3, {**settings, "data": "rows.jsonl"}, tmp_path / "r", 25)
+    assert swept[swept.index("--lr") + 1] == "0.001" and swept[swept.index("--alpha") + 1] == "16.0"
+    assert swept[swept.index("--save-every") + 1] == "25" and swept[swept.index("--data") + 1] == "rows.jsonl"
+    changed = {"--lr", "--save-every", "--data", "--skip-bad-rows"}
+
+    def shared(cmd):
+        out, skip = [], False
+        for arg in cmd:
+            if skip:
+                skip = False
+            elif arg in changed:
+                skip = arg != "--skip-bad-rows"
+            else:
+                out.append(arg)
+        return out
+
+    assert shared(swept) == shared(bench)  # steps, seq len, budget, batch, seed, eval: the bench's
+
+
+def write_run(folder, steps_done, total=300, checkpoint=False, adapter=False, evals=None):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"total_steps": total, "method": "lora"}))
+    lines = metrics([1.0] * steps_done, evals=evals or {})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / "ranks.json").write_text(json.dumps({"budget": 16, "ranks": RANKS, "history": []}))
+    if checkpoint:
+        (folder / f"checkpoint-{steps_done}").mkdir()
+        (folder / "latest").write_text(json.dumps({"checkpoint": f"checkpoint-{steps_done}"}))
+    if adapter:
+        (folder / "adapter").mkdir()
+        (folder / "adapter" / "adapter_config.json").write_text("{}")
+
+
+def test_a_run_folder_is_read_resumed_or_started_again(tmp_path):
+    assert lr_sweep.run_state(tmp_path / "none")["status"] == "absent"
+    (tmp_path / "empty").mkdir()
+    assert lr_sweep.run_state(tmp_path / "empty")["status"] == "stale"
+    write_run(tmp_path / "stale", 10)
+    assert lr_sweep.run_state(tmp_path / "stale")["status"] == "stale"  # no checkpoint: start again
+    write_run(tmp_path / "partial", 30, checkpoint=True, evals={25: 2.5})
+    assert lr_sweep.run_state(tmp_path / "partial") == {"status": "partial", "steps_done": 30, "total_steps": 300}
+    write_run(tmp_path / "done", 300, checkpoint=True, adapter=True, evals={150: 2.0, 300: 1.5})
+    assert lr_sweep.run_state(tmp_path / "done")["status"] == "finished"
+    assert lr_sweep.resume_command(tmp_path / "partial")[-3:] == ["--resume", str(tmp_path / "partial"), "--plain"]
+
+
+def test_the_sweep_figures_and_the_best_rate_of_each_method(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "lora-lr0.0001", 300, checkpoint=True, adapter=True, evals={150: 2.0, 300: 1.6})
+    write_run(runs / "lora-lr0.001", 300, checkpoint=True, adapter=True, evals={150: 1.9, 300: 1.4})
+    write_run(runs / "lora-lr0.002", 200, checkpoint=True, evals={150: 1.3})  # partial: never a winner
+    order = [("lora", 1e-4), ("lora", 1e-3), ("lora", 2e-3), ("adalora", 1e-3)]
+    settings = {"warmup_skip": 2, "method_settings": {"lora": {"alpha": None}, "adalora": {"alpha": 16.0}}}
+    doc = lr_sweep.sweep_document(settings, {"lrs": [1e-4, 1e-3, 2e-3]}, {}, runs, order)
+    by = {r["name"]: r for r in doc["runs"]}
+    assert by["lora-lr0.001"]["val_loss"] == 1.4 and by["lora-lr0.001"]["val_curve"] == [[150, 1.9], [300, 1.4]]
+    assert by["lora-lr0.002"]["val_loss"] is None and by["lora-lr0.002"]["status"] == "partial"
+    assert "--resume" in by["lora-lr0.002"]["resume_command"]
+    assert by["adalora-lr0.001"]["status"] == "absent"
+    best = doc["winners"]["lora"]
+    assert (best["lr"], best["finished"], best["complete"], best["at_edge"]) == (1e-3, 2, False, False)
+    assert best["neighbours_finished"] is False  # 2e-3 has not finished: the optimum may lie there
+    assert doc["winners"]["adalora"]["lr"] is None
+    table = lr_sweep.markdown_table(doc)
+    assert "| 0.001 | - | 1.4000 |" in table and "(1.3000 at step 150; 200/300)" in table
+    assert "| best so far | - | 0.001 (2/3 finished) |" in table
+    json.dumps(doc)  # JSON-ready
+
+
+def test_one_sweep_at_a_time_even_when_only_its_run_is_left(tmp_path):
+    lock = lr_sweep.take_lock(tmp_path)
+    assert lock.read_text().split() == [str(os.getpid())]  # our own lock: taken again
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"999999999 {sleeper.pid}\n")  # a sweep gone, its run still training
+        with pytest.raises(SystemExit, match=f"pid {sleeper.pid}"):
+            lr_sweep.take_lock(tmp_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lr_sweep.take_lock(tmp_path) == lock  # both gone: a stale lock
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_a_run_that_some_process_trains_is_shown_running_and_not_started_twice(tmp_path):
+    run_dir = tmp_path / "runs" / "lora-lr0.001"
+    write_run(run_dir, 30, checkpoint=True)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                "l1ra_lite", "finetune", "--resume", str(run_dir)])
+    try:
+        time.sleep(0.5)
+        assert lr_sweep.training_now(run_dir) == trainer.pid
+        record = lr_sweep.run_record("lora", 1e-3, None, tmp_path / "runs", 2)
+        assert (record["status"], record["pid"]) == ("running", trainer.pid)
+        assert lr_sweep.train_one("lora", 1e-3, {}, tmp_path / "runs", 25, 60, 1, lr_sweep.Stop()) is None
+        assert lr_sweep.read_attempts(tmp_path / "runs", "lora-lr0.001") == []
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert lr_sweep.training_now(run_dir) is None
+
+
+def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp_path):
+    from tests.tiny import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n"
+                            for i in range(60)))
+    sweep_dir, results = tmp_path / "sweep", tmp_path / "sweep.json"
+    args = ["--sweep-dir", str(sweep_dir), "--results", str(results), "--methods", "lora", "--lrs", "1e-3,4e-3",
+            "--threads", "1", "--save-every", "2", "--model", str(tmp_path / "base"), "--data", str(data),
+            "--quant", "none", "--steps", "4", "--seq-len", "48"]
+    assert lr_sweep.main([*args, "--max-runs", "1"]) == 0
+    doc = json.loads(results.read_text())
+    assert [r["status"] for r in doc["runs"]] == ["finished", "absent"]  # 1e-3 is nearest to 2e-4
+    first = sweep_dir / "runs" / "lora-lr0.001"
+    shutil.rmtree(first / "adapter")  # as if stopped after its last checkpoint
+    assert lr_sweep.run_state(first)["status"] == "partial"
+    assert lr_sweep.main(args) == 0
+    doc = json.loads(results.read_text())
+    assert [r["status"] for r in doc["runs"]] == ["finished", "finished"]
+    attempts = lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.001")
+    assert [a["kind"] for a in attempts] == ["start", "resume"] and attempts[-1]["returncode"] == 0
+    assert lr_sweep.main(args) == 0  # all finished: read, not rerun
+    assert len(lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.001")) == 2
+    assert len(lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.004")) == 1
+    assert doc["winners"]["lora"]["complete"] is True
+    with pytest.raises(SystemExit, match="other settings"):
+        lr_sweep.main([*args[:-2], "--seq-len", "64"])
 
 
 # ---------------------------------------------------------------- bench/gpu_bench.py

@@ -339,3 +339,73 @@ def test_every_method_choice_has_a_method():
     from l1ra_lite.methods import METHODS
 
     assert set(METHODS) == set(CHOICES["method"])
+
+
+# ---------------------------------------------------------------- AdaLoRA as its authors run it
+
+
+def test_adalora_rank_moves_during_training_and_ends_at_its_target_total(workdir, monkeypatch):
+    """peft's AdaLoRA stays plain LoRA unless `update_and_allocate` runs after every
+    optimiser step: the loop must call it (with the 1-based step), and the budget schedule
+    must bring the total rank from init_r a module down to exactly target_r a module."""
+    from peft.tuners.adalora.model import AdaLoraModel
+
+    calls = []
+    original = AdaLoraModel.update_and_allocate
+
+    def spy(self, global_step):
+        calls.append(global_step)
+        return original(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    run_dir, adapter = run(workdir, "adalora-moves", method="adalora", max_steps=12, grad_accum=1, warmup=1,
+                           update_every=2, save_every=0, eval_every=0)
+    assert calls == list(range(1, 13))
+    totals = [json.loads(line)["rank_total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert totals[0] == 3 * 14  # init_r 3 on each of the 14 modules, nothing masked before tinit
+    assert min(totals) < totals[0] and totals[-4:] == [2 * 14] * 4  # the final phase holds the target
+    ranks = json.loads((run_dir / "ranks.json").read_text())["ranks"]
+    assert sum(ranks.values()) == 2 * 14 and len(set(ranks.values())) > 1  # moved between modules
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sum(sum(mask) for mask in config["rank_pattern"].values()) == 2 * 14
+
+
+def test_adalora_is_set_up_as_its_authors_run_it(workdir):
+    from l1ra_lite.baselines import ADALORA_ALPHA, adalora_config, adalora_schedule
+
+    # The authors' 300-step example (SQuAD v2): init_warmup 50, final_warmup 100.
+    assert adalora_schedule(300, warmup_steps=9) == (50, 100)
+    assert adalora_schedule(300, warmup_steps=60) == (60, 100)  # never masks during the LR warmup
+    for total in range(1, 40):  # peft refuses a schedule without a budgeting phase
+        tinit, tfinal = adalora_schedule(total, warmup_steps=max(1, total // 10))
+        assert 0 <= tinit < total - tfinal
+    config = adalora_config([f"m{i}" for i in range(210)], 840, ADALORA_ALPHA, 0.0, 300, 9, 15)
+    assert (config.target_r, config.init_r, config.lora_alpha) == (4, 6, 16.0)
+    assert (config.beta1, config.beta2, config.orth_reg_weight) == (0.85, 0.85, 0.1)
+    assert (config.tinit, config.tfinal, config.deltaT, config.total_step) == (50, 100, 15, 300)
+
+
+def test_adalora_eval_loss_is_the_cross_entropy_without_its_penalty(workdir):
+    """peft adds the orthogonality penalty to every loss its AdaLoRA model returns; the
+    methods' eval losses must all be the plain cross-entropy, and training keeps it."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from l1ra_lite.baselines import ADALORA_ORTH_REG_WEIGHT, PeftAdaLoRA
+    from l1ra_lite.l1ra.inject import find_targets
+
+    base = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    method = PeftAdaLoRA.attach(base, find_targets(base, None), 28, 16.0, 0.0, 1e-3, 0.0, 60, 2, 5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    model = method.model
+    with torch.no_grad():
+        model.train()
+        training = model(**batch).loss
+        model.eval()
+        out = model(**batch)
+    logits = out.logits[:, :-1].float()
+    cross_entropy = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx(cross_entropy.item(), abs=1e-6)
+    assert training.item() > cross_entropy.item() + 0.05  # ~0.1 x a penalty of ~1.7 at the init
+    assert model.peft_config["default"].orth_reg_weight == ADALORA_ORTH_REG_WEIGHT  # put back after the forward
