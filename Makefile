@@ -28,7 +28,7 @@ help: ## list the targets
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || \
-		{ echo "l1ra-lite: no $(PYTHON) here; install Python 3.10 or newer, or give PYTHON=/path/to/python3" >&2; exit 2; }
+		{ echo "l1ra-lite: $(PYTHON) not found; install Python 3.10 or newer, or give PYTHON=/path/to/python3" >&2; exit 2; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || \
 		{ echo "l1ra-lite needs Python 3.10 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). Give PYTHON=/path/to/python3.X" >&2; exit 2; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
