@@ -27,13 +27,18 @@ help: ## list the targets
 	@echo "             PYTHON=$(PYTHON) (makes $(VENV)) VENV=$(VENV) TORCH=$(TORCH)"
 
 $(PY):
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
-		{ echo "l1ra-lite needs Python 3.10 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). Use PYTHON=python3.X" >&2; exit 2; }
+	@command -v $(PYTHON) >/dev/null 2>&1 || \
+		{ echo "l1ra-lite: $(PYTHON) not found; install Python 3.10 or newer, or give PYTHON=/path/to/python3" >&2; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || \
+		{ echo "l1ra-lite needs Python 3.10 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). Give PYTHON=/path/to/python3.X" >&2; exit 2; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
-		{ echo "$(PYTHON) cannot make a virtualenv: install python3-venv (sudo apt install python3-venv), or use PYTHON=..." >&2; exit 2; }
+		{ echo "l1ra-lite: $(PYTHON) cannot make a virtualenv (no ensurepip); on Debian/Ubuntu: sudo apt install $$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
+	@$(PY) -m pip --version >/dev/null 2>&1 || \
+		{ echo "l1ra-lite: $(VENV) has no pip; remove it (rm -r $(VENV)) and run make again" >&2; exit 2; }
+	@echo "Installing l1ra-lite and its dependencies into $(VENV) (a few minutes the first time)"
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"

@@ -7,10 +7,14 @@ with `-` for `_`, the command-line flags. Resolution order: defaults < recipe < 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.models import DTYPE_CHOICES, QUANT_CHOICES  # a light import: torch loads inside its functions
