@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from l1ra_lite.module_paths import module_type
+from l1ra_lite.module_paths import module_type, peft_path
 from l1ra_lite.l1ra.layer import L1RALinear
 
 
@@ -25,7 +25,7 @@ def peft_tensors(adapters: dict[str, L1RALinear], lora_alpha: float) -> dict[str
     with torch.no_grad():
         for path, adapter in adapters.items():
             fold = adapter.gate.float() * (adapter.scale * adapter.rank / lora_alpha)
-            key = f"base_model.model.{path}"
+            key = peft_path(path)
             tensors[f"{key}.lora_A.weight"] = adapter.lora_A.detach().float().cpu().contiguous()
             tensors[f"{key}.lora_B.weight"] = (adapter.lora_B.float() * fold).cpu().contiguous()
     return tensors

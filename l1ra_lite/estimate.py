@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from l1ra_lite.aliases import ALIASES, DEFAULT_MODEL, hub_id, looks_like_alias
 from l1ra_lite.errors import UserError
-from l1ra_lite.module_paths import layer_index
+from l1ra_lite.module_paths import layer_index, matches_target
 
 if TYPE_CHECKING:  # heavy imports only where used
     from l1ra_lite.config import FinetuneConfig
@@ -275,7 +275,7 @@ def adapted_linears(model, target_modules: Optional[list[str]] = None) -> list[t
         if target_modules is None:
             wanted = layer_index(path) is not None
         else:
-            wanted = any(path == t or path.endswith("." + t) for t in target_modules)
+            wanted = any(matches_target(path, t) for t in target_modules)
         if wanted:
             chosen.append((path, module))
     return chosen

@@ -21,11 +21,11 @@ from rich.text import Text
 
 from l1ra_lite.dashboard import RankHeatMap, rank_by_layer, rank_by_type, type_label
 from l1ra_lite.errors import UserError
+from l1ra_lite.module_paths import matches_target, model_path
 
 RANKS_FILE = "ranks.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 
 
@@ -137,9 +137,7 @@ def read_adapter_ranks(file: Path) -> dict[str, int]:
             for key in weights.keys():
                 if key.endswith(A_SUFFIX):
                     shape = weights.get_slice(key).get_shape()
-                    path = key[: -len(A_SUFFIX)]
-                    path = path[len(KEY_PREFIX):] if path.startswith(KEY_PREFIX) else path
-                    ranks[path] = int(shape[0])
+                    ranks[model_path(key[: -len(A_SUFFIX)])] = int(shape[0])
     except (SafetensorError, OSError) as err:
         raise UserError(f"{file} is not a readable safetensors file: {err}") from None
     if not ranks:
@@ -156,7 +154,7 @@ def config_mismatches(config: dict[str, Any], ranks: dict[str, int]) -> list[str
         return ["adapter_config.json: rank_pattern is not an object"]
     problems = []
     for path, rank in ranks.items():
-        expected = next((v for k, v in pattern.items() if path == k or path.endswith("." + k)), r)
+        expected = next((v for k, v in pattern.items() if matches_target(path, k)), r)
         if expected is not None and expected != rank:
             problems.append(f"{path}: tensors have rank {rank}, adapter_config.json says {expected}")
     return problems

@@ -16,8 +16,7 @@ import torch
 from safetensors import safe_open
 
 from l1ra_lite.errors import UserError
-
-PREFIX = "base_model.model."
+from l1ra_lite.module_paths import PEFT_PREFIX, matches_target
 
 
 @dataclass
@@ -78,8 +77,8 @@ def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.<module>.lora_A.weight' -> (<module>, 'lora_A')."""
     for kind in ("lora_A", "lora_B"):
         suffix = f".{kind}.weight"
-        if key.startswith(PREFIX) and key.endswith(suffix):
-            return key[len(PREFIX) : -len(suffix)], kind
+        if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
+            return key[len(PEFT_PREFIX) : -len(suffix)], kind
     raise UserError(f"unexpected tensor {key!r} in the adapter: only lora_A / lora_B weights are supported")
 
 
@@ -87,7 +86,7 @@ def _configured_rank(module: str, config: dict):
     """The rank adapter_config.json gives a module: the first rank_pattern key that
     matches it as a suffix (peft's rule; l1ra-lite writes full paths), else the global r."""
     for key, rank in (config.get("rank_pattern") or {}).items():
-        if module == key or module.endswith("." + key):
+        if matches_target(module, key):
             return rank
     return config.get("r")
 

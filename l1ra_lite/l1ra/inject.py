@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.module_paths import layer_index
+from l1ra_lite.module_paths import layer_index, matches_target
 from l1ra_lite.l1ra.layer import L1RALinear
 
 
@@ -35,7 +35,7 @@ def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = Non
         if not _is_linear(module) or isinstance(module, L1RALinear):
             continue
         if target_modules:
-            if any(path == name or path.endswith("." + name) for name in target_modules):
+            if any(matches_target(path, name) for name in target_modules):
                 paths.append(path)
         elif layer_index(path) is not None:
             paths.append(path)

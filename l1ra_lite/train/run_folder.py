@@ -12,6 +12,7 @@ from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra.inject import find_targets
 from l1ra_lite.models import ModelSource
+from l1ra_lite.module_paths import model_path
 
 
 def write_run_config(run_dir: Path, config: FinetuneConfig, extra: dict) -> None:
@@ -67,7 +68,7 @@ def save_adapter(method, run_dir: Path, source: ModelSource, config: FinetuneCon
 
 def _all_decoder_linears(model) -> list[str]:
     try:
-        return [p.removeprefix("base_model.model.") for p in find_targets(model, None)]
+        return [model_path(p) for p in find_targets(model, None)]
     except UserError:  # no numbered blocks: the adapter config will list full paths
         return []
 
