@@ -366,16 +366,6 @@ def nf4_bytes(numel: int) -> int:
     )
 
 
-def default_budget(n_adapters: int) -> int:
-    return 8 * n_adapters
-
-
-def even_ranks(n_adapters: int, budget: int) -> list[int]:
-    """The starting allocation: the budget spread evenly, the remainder to the first ones."""
-    base, extra = divmod(budget, n_adapters)
-    return [base + (1 if i < extra else 0) for i in range(n_adapters)]
-
-
 def bytes_per_rank(linear: LinearShape) -> int:
     """One rank of an adapter: a row of A, a column of B and a gate, with their optimiser state."""
     return (linear.in_features + linear.out_features + 1) * ADAPTER_BYTES_PER_PARAM + RANK_STEP_BYTES
@@ -383,7 +373,11 @@ def bytes_per_rank(linear: LinearShape) -> int:
 
 def adapter_range(adapted: list[LinearShape], budget: int) -> tuple[int, int]:
     """(low, high) bytes: the budget spread evenly, or all of it on the largest matrix."""
-    low = sum(r * bytes_per_rank(lin) for r, lin in zip(even_ranks(len(adapted), budget), adapted))
+    # The split alone, not initial_ranks: an estimate answers even for a budget that
+    # training would refuse (fewer ranks than adapters).
+    from l1ra_lite.l1ra.inject import even_split
+
+    low = sum(r * bytes_per_rank(lin) for r, lin in zip(even_split(budget, len(adapted)), adapted))
     high = budget * max(bytes_per_rank(lin) for lin in adapted)
     return low, high
 
@@ -488,6 +482,7 @@ def estimate(
     `expandable_segments`: whether the allocator uses them; None: what the CLI would set
     up in this process's environment (l1ra_lite.models.uses_expandable_segments).
     """
+    from l1ra_lite.l1ra.inject import default_budget
     from l1ra_lite.models import uses_expandable_segments
 
     if quant not in ("nf4", "none"):
