@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from l1ra_lite.adapter_io import target_names
+from l1ra_lite.peft_adapter import target_names
 from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_text_atomic
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError

@@ -1,4 +1,4 @@
-"""Write L1RA adapters as a standard peft LoRA folder (DESIGN.md section 3).
+"""Write L1RA adapters as a standard peft LoRA folder (layout: docs/CONTRACTS.md).
 
 The gate and the scale are folded into B,  B' = B diag(c) (s r_i / alpha),  so that
 peft's and llama.cpp's scale alpha / r_i gives back  s B diag(c) A.  The folder has one
