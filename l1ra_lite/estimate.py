@@ -483,10 +483,10 @@ def estimate(
     up in this process's environment (l1ra_lite.models.uses_expandable_segments).
     """
     from l1ra_lite.l1ra.inject import default_budget
-    from l1ra_lite.models import uses_expandable_segments
+    from l1ra_lite.models import QUANT_CHOICES, uses_expandable_segments
 
-    if quant not in ("nf4", "none"):
-        raise UserError(f"quant must be nf4 or none (got {quant!r})")
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"quant must be one of {', '.join(QUANT_CHOICES)} (got {quant!r})")
     value_bytes = compute_bytes(dtype)
     if expandable_segments is None:
         expandable_segments = uses_expandable_segments()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l1ra_lite.errors import UserError
+from l1ra_lite.models import QUANT_CHOICES  # a light import: torch loads inside its functions
 
 # The tokenizer files a model folder may carry; copied as they are into exports.
 TOKENIZER_FILES = (
@@ -32,7 +33,7 @@ class RunInfo:
     run_dir: Path
     adapter_dir: Path
     base_dir: Path  # local folder holding the base's config.json and safetensors
-    quant: str  # "nf4" | "none": how the base was loaded during training
+    quant: str  # one of QUANT_CHOICES: how the base was loaded during training
     compute_dtype: str  # "bfloat16" | "float32"
     trust_remote_code: bool
     model_type: str
@@ -66,8 +67,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if "base_model_path" not in config:
         raise UserError(f"{config_path} has no 'base_model_path': not a run folder written by l1ra-lite")
     quant = config.get("quant", "nf4")
-    if quant not in ("nf4", "none"):
-        raise UserError(f"{config_path}: unknown quant {quant!r} (expected nf4 or none)")
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"{config_path}: unknown quant {quant!r} (expected {' or '.join(QUANT_CHOICES)})")
     compute_dtype = config.get("compute_dtype", "bfloat16")
     if compute_dtype not in ("bfloat16", "float32", "float16"):
         raise UserError(f"{config_path}: unknown compute_dtype {compute_dtype!r}")
