@@ -245,7 +245,7 @@ class DashboardState:
         self.budget = e.budget
         self.ranks = dict(e.ranks)
         self.rank_total = sum(self.ranks.values())
-        self.next_update = first_update_after(e.start_step, e.first_update, e.update_every, e.total_steps)
+        self.next_update = e.next_update
 
     def _step_logged(self, e: StepLogged) -> None:
         self.step, self.total_steps, self.epoch = e.step, e.total_steps, e.epoch
@@ -271,18 +271,6 @@ class DashboardState:
         if done <= 0 or self.elapsed_s <= 0:
             return None
         return self.elapsed_s / done * max(0, self.total_steps - self.step)
-
-
-def first_update_after(start_step: int, first_update: int, update_every: int, total_steps: int) -> Optional[int]:
-    """The first reallocation step after `start_step`, or None when reallocation is off
-    or none is left (a resumed run may already be past `first_update`). Only a guess
-    until the first Reallocated event, which carries the loop's own `next_update`."""
-    if update_every <= 0:
-        return None
-    nxt = first_update
-    if start_step >= first_update:
-        nxt = first_update + ((start_step - first_update) // update_every + 1) * update_every
-    return nxt if nxt < total_steps else None  # nothing is reallocated at the last step
 
 
 # ----------------------------------------------------------------------------------------
