@@ -149,7 +149,9 @@ def embedded_model_dir(cache_dir: Optional[Path] = None) -> Path:
     """The embedded default as a Hugging Face folder, converting it on first use.
 
     The conversion writes into a temporary folder next to the target and renames it into
-    place, so an interrupted conversion never leaves a half-written model behind.
+    place, so an interrupted conversion never leaves a half-written model behind. Unlike
+    l1ra_lite.atomic's helpers, which replace what is there, the first complete folder
+    wins: another process may already be loading it.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / EMBEDDED_FOLDER

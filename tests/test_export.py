@@ -459,6 +459,11 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
 # ---------------------------------------------------------------- CLI and bad input
 
 
+def set_aside(folder: Path) -> list[Path]:
+    """What l1ra_lite.atomic left beside the targets: files being written or replaced."""
+    return list(folder.glob(".*.tmp-*")) + list(folder.glob(".*.old-*"))
+
+
 def test_cli_export_defaults_and_refuses_to_overwrite(run_none, capsys):
     target = run_none / "adapter.gguf"
     assert cli_main(["export", str(run_none), "--format", "gguf-lora"]) == 0
@@ -469,7 +474,7 @@ def test_cli_export_defaults_and_refuses_to_overwrite(run_none, capsys):
     assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
     assert target.read_bytes() == before
     assert cli_main(["export", str(run_none), "--format", "gguf-lora", "--overwrite"]) == 0
-    assert not list(run_none.glob(".*partial*"))
+    assert not set_aside(run_none)
 
 
 def test_cli_export_hf_default_folder(run_none):
@@ -502,7 +507,7 @@ def test_cli_unsupported_architecture_for_gguf(run_none, tmp_path, capsys):
     assert cli_main(["export", str(run), "--format", "gguf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--format hf" in err[0] and "gpt_neox" in err[0]
-    assert not list(run.glob("*.gguf")) and not list(run.glob(".*partial*"))
+    assert not list(run.glob("*.gguf")) and not set_aside(run)
 
 
 def test_cli_dequantized_merge_needs_nf4_run(run_none, tmp_path, capsys):
@@ -528,7 +533,7 @@ def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):
     save_file(tensors, str(run / "adapter" / "adapter_model.safetensors"))
     assert cli_main(["export", str(run), "--format", "gguf", "--overwrite"]) == 2
     assert target.read_bytes() == b"old"
-    assert not list(run.glob(".*partial*"))
+    assert not set_aside(run)
 
 
 def test_unfinished_run_advice_is_a_finetune_command_that_resumes_that_run(tmp_path):
