@@ -52,15 +52,6 @@ def test_nothing_to_prune_changes_nothing():
     assert plan.keep == ((0, 1), (0,)) and plan.added == (0, 0)
 
 
-def test_costs_measure_the_budget():
-    # Pruning 2 ranks of cost 1 frees 2; the candidate's rank costs 3: it cannot take one.
-    plan = plan_reallocation([[0.0, 0.0, 0.9], [0.9]], T, costs=[1, 3])
-    assert plan.added == (0, 0) and plan.unspent == pytest.approx(2)
-    plan = plan_reallocation([[0.0, 0.0, 0.0, 0.9], [0.9], [0.8]], T, costs=[2, 3, 1])
-    # 6 freed: adapter 1 takes 3, adapter 2 takes 1, then adapter 2 takes 1 and 1 more
-    assert plan.added == (0, 1, 3) and plan.unspent == 0
-
-
 def test_empty_adapter_is_rejected():
     with pytest.raises(ValueError):
         plan_reallocation([[]], T)
