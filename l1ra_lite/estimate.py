@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -156,7 +156,9 @@ class Estimate:
     adapter_range: tuple[int, int]  # (low, high) bytes of adapters + optimiser state
     loss_phase_bytes: int  # the two candidates for backward_peak
     layer_phase_bytes: int
-    notes: dict[str, Any] = field(default_factory=dict)
+    dtype: str  # the compute dtype asked for (DTYPE_CHOICES)
+    expandable_segments: bool  # whether the allocator was taken to use them
+    fragmentation_share: float  # reserved beyond allocated, as a share of allocated
 
     @property
     def total_bytes(self) -> int:
@@ -190,9 +192,9 @@ class Estimate:
             "allocated_bytes": self.allocated_bytes,
             "total_bytes": self.total_bytes,
             "total_gib": round(self.total_gib, 4),
-            "dtype": self.notes.get("dtype"),
-            "expandable_segments": self.notes.get("expandable_segments"),
-            "fragmentation_share": self.notes.get("fragmentation_share"),
+            "dtype": self.dtype,
+            "expandable_segments": self.expandable_segments,
+            "fragmentation_share": self.fragmentation_share,
         }
 
 
@@ -526,13 +528,9 @@ def estimate(
         adapter_range=(low, high),
         loss_phase_bytes=loss_phase,
         layer_phase_bytes=layer_phase,
-        notes={
-            "model_type": shape.model_type,
-            "quant": quant,
-            "dtype": dtype,
-            "expandable_segments": expandable_segments,
-            "fragmentation_share": fragmentation,
-        },
+        dtype=dtype,
+        expandable_segments=expandable_segments,
+        fragmentation_share=fragmentation,
     )
 
 
@@ -555,35 +553,12 @@ def estimate_for_config(config: "FinetuneConfig", dtype: Optional[str] = None) -
     )
 
 
-def estimate_for_recipe(recipe: str, **overrides: Any) -> Estimate:
-    """The estimate for a recipe (name or path), with finetune options overridden."""
-    from l1ra_lite.config import build_config
-
-    return estimate_for_config(build_config(recipe, overrides))
-
-
-def format_plain(est: Estimate, gpu_gib: Optional[float] = None) -> str:
-    """The estimate as plain text lines (for scripts and logs)."""
-    lines = [
-        f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
-        f"seq {est.seq_len} x batch {est.batch_size}"
-    ]
-    for key, value in est.parts.items():
-        lines.append(f"  {part_label(est, key):<40} {value / GIB:7.2f} GiB")
-    low, high = est.adapter_range
-    lines.append(f"  {'(adapters, ranks spread evenly)':<40} {low / GIB:7.2f} GiB")
-    lines.append(f"  {'total':<40} {est.total_gib:7.2f} GiB")
-    if gpu_gib is not None:
-        lines.append("  " + fit_sentence(est, gpu_gib))
-    return "\n".join(lines)
-
-
 def part_label(est: Estimate, key: str) -> str:
     """PART_LABELS[key], with what this estimate assumed where a part depends on it."""
-    if key == "weights_16bit" and est.notes.get("dtype") == "fp32":
+    if key == "weights_16bit" and est.dtype == "fp32":
         return "embeddings, head, norms (fp32)"
-    if key == "fragmentation" and "fragmentation_share" in est.notes:
-        return f"{PART_LABELS[key]} ({est.notes['fragmentation_share']:.0%})"
+    if key == "fragmentation":
+        return f"{PART_LABELS[key]} ({est.fragmentation_share:.0%})"
     return PART_LABELS[key]
 
 

@@ -83,7 +83,7 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
             f"one layer recomputed {gib(est.layer_phase_bytes)}"
         ),
         "fragmentation": "reserved beyond allocated, "
-        + ("expandable segments" if est.notes.get("expandable_segments") else "fixed-size segments"),
+        + ("expandable segments" if est.expandable_segments else "fixed-size segments"),
     }
     title = (
         f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
