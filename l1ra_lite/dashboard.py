@@ -432,9 +432,7 @@ def render_rank(state: DashboardState) -> Panel:
 
 
 def render_header(state: DashboardState) -> Text:
-    status = ""
-    if state.finished is not None:
-        status = "  [interrupted]" if state.finished.interrupted else "  [finished]"
+    status = "  [finished]" if state.finished is not None else ""
     return Text.assemble(
         ("l1ra-lite ", "bold"), (state.method, "bold magenta"), f"  {state.model}  ->  {state.output_dir}",
         (status, "bold yellow"),
@@ -495,8 +493,6 @@ def plain_line(state: DashboardState, event: Event) -> Optional[str]:
 
 
 def final_line(event: RunFinished, state: DashboardState) -> str:
-    if event.interrupted:
-        return f"interrupted at step {event.step}: resume with the same command; run folder {event.output_dir}"
     return (f"finished {event.step} steps in {format_duration(state.elapsed_s)}, {rank_summary_text(state)}; "
             f"adapter in {event.adapter_dir}")
 

@@ -83,7 +83,6 @@ class RunFinished:
     step: int
     output_dir: str
     adapter_dir: str
-    interrupted: bool = False  # True when stopped by a signal before the last step
 
 
 Event = Union[RunStarted, StepLogged, Reallocated, Evaluated, CheckpointSaved, RunFinished]

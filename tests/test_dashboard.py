@@ -219,11 +219,11 @@ def test_plain_flag_wins_on_a_terminal_and_cuda_lines_show_the_card():
     with open_display(plain=True, console=console) as report:
         report(scripted_events()[0])
         report(step_event(1, cuda))
-        report(RunFinished(step=1, output_dir="runs/tiny", adapter_dir="", interrupted=True))
+        report(RunFinished(step=1, output_dir="runs/tiny", adapter_dir="runs/tiny/adapter"))
     text = out.getvalue()
     assert "╭" not in text
     assert "mem 9.50 GiB alloc, 11.20 GiB reserved, peak 10.90/12.00 GiB" in text
-    assert "interrupted at step 1" in text.splitlines()[-1]
+    assert text.splitlines()[-1].startswith("finished 1 steps")
 
 
 def test_live_report_only_updates_state_and_the_screen_is_drawn_elsewhere(monkeypatch):
