@@ -9,15 +9,6 @@ import threading
 import pytest
 from rich.console import Console
 
-from l1ra_lite import dashboard
-from l1ra_lite.dashboard import (
-    DashboardState,
-    RankHeatMap,
-    memory_colour,
-    open_display,
-    render,
-    sparkline,
-)
 from l1ra_lite.events import (
     CheckpointSaved,
     Evaluated,
@@ -27,6 +18,15 @@ from l1ra_lite.events import (
     RunStarted,
     StepLogged,
 )
+from l1ra_lite.ui import dashboard
+from l1ra_lite.ui.dashboard import (
+    DashboardState,
+    memory_colour,
+    open_display,
+    render,
+    sparkline,
+)
+from l1ra_lite.ui.rank_views import RankHeatMap
 
 GIB = 1024**3
 TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

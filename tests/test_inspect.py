@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import l1ra_lite.cli as cli
 from l1ra_lite.errors import UserError
-from l1ra_lite.inspect_run import render_summary, summarize, write_png
+from l1ra_lite.ui.inspect import render_summary, summarize, write_png
 
 TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

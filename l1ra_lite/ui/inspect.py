@@ -19,10 +19,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from l1ra_lite.dashboard import RankHeatMap, rank_by_layer, rank_by_type, type_label
 from l1ra_lite.errors import UserError
 from l1ra_lite.module_paths import module_type
 from l1ra_lite.peft_adapter import ADAPTER_CONFIG, configured_rank, read_adapter_config, read_lora_ranks
+from l1ra_lite.ui.rank_views import RankHeatMap, rank_by_layer, rank_by_type, type_label
 
 RANKS_FILE = "ranks.json"
 
@@ -145,7 +145,7 @@ def build_summary(source: str, folder: Path, budget: int, ranks: dict[str, int],
         "by_type": rank_by_type(ranks),
         "by_layer": {("other" if k is None else str(k)): v for k, v in rank_by_layer(ranks).items()},
         "ranks": dict(ranks),
-        "initial": _totals(initial_ranks(ranks, history)),
+        "initial": _totals(ranks_before_history(ranks, history)),
         "history": [
             {
                 "step": h["step"],
@@ -159,7 +159,7 @@ def build_summary(source: str, folder: Path, budget: int, ranks: dict[str, int],
     }
 
 
-def initial_ranks(final: dict[str, int], history: list[dict[str, Any]]) -> dict[str, int]:
+def ranks_before_history(final: dict[str, int], history: list[dict[str, Any]]) -> dict[str, int]:
     """The ranks before the first reallocation: undo its pruning and adding."""
     if not history:
         return dict(final)
