@@ -22,7 +22,7 @@ from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.merge import MergePlan, make_plan, merged_tensors, resolve_merge_into
 from l1ra_lite.export.modelfile import write_modelfile
 from l1ra_lite.export.output import atomic_path, check_target
-from l1ra_lite.export.run_folder import RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; llama.cpp computes them

@@ -1,4 +1,5 @@
-"""Read a finished run folder: what the base model was and where the adapter lies.
+"""Read a finished run folder: what the base model was and where the adapter lies (for
+export and generate; the training loop writes the folder, l1ra_lite.train.run_folder).
 
 A run is finished once `adapter/` exists (see docs/CONTRACTS.md). The base is the
 16-bit model the run was loaded from: a local folder, or a hub id resolved through the
@@ -13,20 +14,6 @@ from pathlib import Path
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.models import QUANT_CHOICES  # a light import: torch loads inside its functions
-
-# The tokenizer files a model folder may carry; copied as they are into exports.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
 
 @dataclass
 class RunInfo:
@@ -47,7 +34,7 @@ class RunInfo:
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
-    """Check that `run_dir` is a finished run and return what export needs from it."""
+    """Check that `run_dir` is a finished run and return what export and generate need from it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder (expected a finished run folder like runs/<name>)")
