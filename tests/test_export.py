@@ -361,14 +361,14 @@ def test_gguf_model_reads_back_as_the_merged_weights(run_nf4, tmp_path, dtype, t
 
     from l1ra_lite.export.gguf_model import export_gguf
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.llama_gguf import LlamaLayout
+    from l1ra_lite.export.llama_gguf import DecoderLayout
     from l1ra_lite.finished_run import read_run
 
     run = read_run(run_nf4)
     merged_dir = export_hf(run, tmp_path / "hf", dtype="f32")  # checked against peft above
     path, modelfile = export_gguf(run, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
     weights, fields = _gguf_weights(path)
-    layout = LlamaLayout("llama", n_layers=2, n_head=4, n_kv_head=2, permute_qk=True)
+    layout = DecoderLayout("llama", n_layers=2, n_head=4, n_kv_head=2, permute_qk=True)
     with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
         assert len(weights) == len(list(f.keys()))
         for hf_name in f.keys():

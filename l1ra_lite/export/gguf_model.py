@@ -17,7 +17,7 @@ import numpy as np
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.export.gguf_vocab import add_vocab
-from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, LlamaLayout, layout_for
+from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, DecoderLayout, layout_for
 from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.merge import MergePlan, make_plan, merged_tensors, resolve_merge_into
 from l1ra_lite.export.modelfile import write_modelfile
@@ -134,7 +134,7 @@ def llama3_rope_factors(config) -> Optional[np.ndarray]:
     return (plain / scaled.double()).float().numpy()
 
 
-def tensor_list(plan: MergePlan, layout: LlamaLayout, dtype: str, rope_factors) -> list[GgufTensor]:
+def tensor_list(plan: MergePlan, layout: DecoderLayout, dtype: str, rope_factors) -> list[GgufTensor]:
     """Every tensor of the file, in the order its data is written."""
     import gguf
 
@@ -175,7 +175,7 @@ def encode(array: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
-def write_data(writer, plan: MergePlan, layout: LlamaLayout, tensors: list[GgufTensor], rope_factors) -> None:
+def write_data(writer, plan: MergePlan, layout: DecoderLayout, tensors: list[GgufTensor], rope_factors) -> None:
     expected = iter(tensors)
     for hf_name, tensor in merged_tensors(plan):
         if hf_name.endswith(SKIPPED):
