@@ -14,6 +14,7 @@ from pathlib import Path
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.models import QUANT_CHOICES  # a light import: torch loads inside its functions
+from l1ra_lite.peft_adapter import ADAPTER_CONFIG
 
 @dataclass
 class RunInfo:
@@ -42,7 +43,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     adapter_dir = run_dir / "adapter"
     if not config_path.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.json")
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"{run_dir} is not a finished run: it has no adapter/ (training did not finish; "
             f"resume it with `l1ra-lite finetune --resume {run_dir}`)"
