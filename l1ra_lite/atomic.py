@@ -45,7 +45,7 @@ def written_aside(target: Path) -> Iterator[Path]:
         yield tmp
         _put_in_place(tmp, target)
     except BaseException:
-        _delete(tmp)
+        _delete(tmp, ignore_errors=True)  # the write's own error is the one to report
         raise
 
 
