@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from l1ra_lite.peft_adapter import target_names
 from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_text_atomic
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra.inject import find_targets
 from l1ra_lite.models import ModelSource
 from l1ra_lite.module_paths import model_path
+from l1ra_lite.peft_adapter import target_names
 
 
 def write_run_config(run_dir: Path, config: FinetuneConfig, extra: dict) -> None:
