@@ -19,7 +19,7 @@ RUN ?=
 FORMAT ?= hf
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gguf test test-gguf demo finetune export bench
+.PHONY: help install install-gguf test test-gguf lint demo finetune export bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ install-gguf: $(STAMP) ## also install llama-cpp-python (builds llama.cpp: a few
 
 test: $(STAMP) ## install, then run the test suite (a few minutes on 2 CPU cores)
 	$(PY) -m pytest -m "not llama_cpp"
+
+lint: $(STAMP) ## ruff: formatting and lint checks (make lint FIX=1 applies them)
+	$(PY) -m ruff format $(if $(FIX),,--check) .
+	$(PY) -m ruff check $(if $(FIX),--fix) .
 
 test-gguf: install-gguf ## also run the GGUF tests against llama.cpp
 	$(PY) -m pytest -m llama_cpp

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
+from l1ra_lite.module_paths import PEFT_PREFIX
 
 
 def peft_lora(model, paths: list[str], ranks: list[int], alpha: float, dropout: float):
@@ -136,7 +137,7 @@ def penalty_in_training_only(model) -> None:
 def peft_ranks(model) -> dict[str, int]:
     """Current rank per adapted module path (AdaLoRA: the singular values not masked)."""
     ranks = {}
-    prefix = "base_model.model."
+    prefix = PEFT_PREFIX
     for name, module in model.named_modules():
         if "default" in getattr(module, "lora_E", {}):
             ranks[name.removeprefix(prefix)] = int((module.lora_E["default"] != 0).sum())

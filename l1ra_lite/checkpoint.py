@@ -8,9 +8,9 @@ A checkpoint is a folder `checkpoint-<step>/` in the run folder:
     state.json              step, data position, rank state, optimiser param groups ...
     manifest.json           size and sha256 of every file above (written last)
 
-It is written into a temporary folder, flushed, then renamed into place; the file
-`latest` (replaced atomically) names the newest complete one. A process killed at any
-moment leaves the previous checkpoint and pointer intact. Nothing here unpickles.
+It is written into a temporary folder, flushed, then renamed into place (l1ra_lite.atomic);
+the file `latest` (replaced atomically) names the newest complete one. A process killed
+at any moment leaves the previous checkpoint and pointer intact. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from l1ra_lite.atomic import write_json_atomic
+from l1ra_lite.atomic import remove_atomically, replace_dir_atomically, write_json_atomic
 from l1ra_lite.errors import UserError
 
 LATEST = "latest"
@@ -85,11 +84,8 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int) -> Path:
     """Write checkpoint-<step>/ atomically, point `latest` at it, prune old ones."""
-    final = run_dir / f"{PREFIX}{step}"
-    tmp = run_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(folder: Path) -> None:
         opt_tensors, opt_meta = _optimizer_to_files(checkpoint.optimizer)
         contents = {
             "trainable.safetensors": {k: v.detach().contiguous().cpu() for k, v in checkpoint.trainable.items()},
@@ -98,35 +94,30 @@ def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int)
         }
         for name, tensors in contents.items():
             try:
-                save_file(tensors, str(tmp / name))
+                save_file(tensors, str(folder / name))
             except SafetensorError as err:  # safetensors reports a full disk this way
                 raise OSError(str(err)) from None
-        (tmp / "state.json").write_text(json.dumps({**checkpoint.state, "optimizer": opt_meta}, indent=1))
+        (folder / "state.json").write_text(json.dumps({**checkpoint.state, "optimizer": opt_meta}, indent=1))
         files = TENSOR_FILES + ("state.json",)
         for name in files:
-            _fsync(tmp / name)
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
-        write_json_atomic(tmp / "manifest.json", {"step": step, "files": manifest})
-        if final.exists():  # a checkpoint of the same step from an interrupted earlier try
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _fsync(folder / name)
+        manifest = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+                    for name in files}
+        write_json_atomic(folder / "manifest.json", {"step": step, "files": manifest})
+
+    # A checkpoint of the same step left by an interrupted earlier try is replaced.
+    final = replace_dir_atomically(run_dir / f"{PREFIX}{step}", write)
     write_json_atomic(run_dir / LATEST, {"checkpoint": final.name, "step": step})
     _remove_old(run_dir, keep)
     return final
 
 
 def _remove_old(run_dir: Path, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep` (never the latest). Each is
-    renamed to a hidden name first, so a kill during the deletion cannot leave a
-    half-deleted folder that still looks complete."""
+    """Delete the oldest complete checkpoints beyond `keep` (never the latest), each
+    renamed aside first so that a half-deleted one never looks complete."""
     steps = sorted(step for step, _ in list_checkpoints(run_dir))
     for step in steps[:-keep]:
-        doomed = run_dir / f".{PREFIX}{step}.old-{os.getpid()}"
-        os.replace(run_dir / f"{PREFIX}{step}", doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_atomically(run_dir / f"{PREFIX}{step}")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

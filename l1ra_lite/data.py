@@ -6,7 +6,7 @@ The flow, top to bottom:
     load_rows(source)            read rows, check each one, normalise it to
                                  {"format", "where", "messages"} or {"format", "where", "text"}
     split_rows(rows, ...)        seeded held-out eval rows, taken before anything else
-    encode_rows(rows, tokenizer) chat template + tokenisation, labels = -100 outside answers
+    encode_rows(rows, tokenizer) chat template + tokenisation, labels = IGNORE_INDEX outside answers
     truncate / pack              fit the examples to seq_len
     prepare_data(...)            all of the above, the one call the training loop makes
 

@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from l1ra_lite.aliases import ALIASES, DEFAULT_MODEL, hub_id, looks_like_alias
 from l1ra_lite.errors import UserError
-from l1ra_lite.module_paths import layer_index
+from l1ra_lite.module_paths import layer_index, matches_target
 
 if TYPE_CHECKING:  # heavy imports only where used
     from l1ra_lite.config import FinetuneConfig
@@ -156,7 +156,9 @@ class Estimate:
     adapter_range: tuple[int, int]  # (low, high) bytes of adapters + optimiser state
     loss_phase_bytes: int  # the two candidates for backward_peak
     layer_phase_bytes: int
-    notes: dict[str, Any] = field(default_factory=dict)
+    dtype: str  # the compute dtype asked for (DTYPE_CHOICES)
+    expandable_segments: bool  # whether the allocator was taken to use them
+    fragmentation_share: float  # reserved beyond allocated, as a share of allocated
 
     @property
     def total_bytes(self) -> int:
@@ -190,9 +192,9 @@ class Estimate:
             "allocated_bytes": self.allocated_bytes,
             "total_bytes": self.total_bytes,
             "total_gib": round(self.total_gib, 4),
-            "dtype": self.notes.get("dtype"),
-            "expandable_segments": self.notes.get("expandable_segments"),
-            "fragmentation_share": self.notes.get("fragmentation_share"),
+            "dtype": self.dtype,
+            "expandable_segments": self.expandable_segments,
+            "fragmentation_share": self.fragmentation_share,
         }
 
 
@@ -275,7 +277,7 @@ def adapted_linears(model, target_modules: Optional[list[str]] = None) -> list[t
         if target_modules is None:
             wanted = layer_index(path) is not None
         else:
-            wanted = any(path == t or path.endswith("." + t) for t in target_modules)
+            wanted = any(matches_target(path, t) for t in target_modules)
         if wanted:
             chosen.append((path, module))
     return chosen
@@ -366,16 +368,6 @@ def nf4_bytes(numel: int) -> int:
     )
 
 
-def default_budget(n_adapters: int) -> int:
-    return 8 * n_adapters
-
-
-def even_ranks(n_adapters: int, budget: int) -> list[int]:
-    """The starting allocation: the budget spread evenly, the remainder to the first ones."""
-    base, extra = divmod(budget, n_adapters)
-    return [base + (1 if i < extra else 0) for i in range(n_adapters)]
-
-
 def bytes_per_rank(linear: LinearShape) -> int:
     """One rank of an adapter: a row of A, a column of B and a gate, with their optimiser state."""
     return (linear.in_features + linear.out_features + 1) * ADAPTER_BYTES_PER_PARAM + RANK_STEP_BYTES
@@ -383,7 +375,11 @@ def bytes_per_rank(linear: LinearShape) -> int:
 
 def adapter_range(adapted: list[LinearShape], budget: int) -> tuple[int, int]:
     """(low, high) bytes: the budget spread evenly, or all of it on the largest matrix."""
-    low = sum(r * bytes_per_rank(lin) for r, lin in zip(even_ranks(len(adapted), budget), adapted))
+    # The split alone, not initial_ranks: an estimate answers even for a budget that
+    # training would refuse (fewer ranks than adapters).
+    from l1ra_lite.l1ra.inject import even_split
+
+    low = sum(r * bytes_per_rank(lin) for r, lin in zip(even_split(budget, len(adapted)), adapted))
     high = budget * max(bytes_per_rank(lin) for lin in adapted)
     return low, high
 
@@ -488,10 +484,11 @@ def estimate(
     `expandable_segments`: whether the allocator uses them; None: what the CLI would set
     up in this process's environment (l1ra_lite.models.uses_expandable_segments).
     """
-    from l1ra_lite.models import uses_expandable_segments
+    from l1ra_lite.l1ra.inject import default_budget
+    from l1ra_lite.models import QUANT_CHOICES, uses_expandable_segments
 
-    if quant not in ("nf4", "none"):
-        raise UserError(f"quant must be nf4 or none (got {quant!r})")
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"quant must be one of {', '.join(QUANT_CHOICES)} (got {quant!r})")
     value_bytes = compute_bytes(dtype)
     if expandable_segments is None:
         expandable_segments = uses_expandable_segments()
@@ -531,13 +528,9 @@ def estimate(
         adapter_range=(low, high),
         loss_phase_bytes=loss_phase,
         layer_phase_bytes=layer_phase,
-        notes={
-            "model_type": shape.model_type,
-            "quant": quant,
-            "dtype": dtype,
-            "expandable_segments": expandable_segments,
-            "fragmentation_share": fragmentation,
-        },
+        dtype=dtype,
+        expandable_segments=expandable_segments,
+        fragmentation_share=fragmentation,
     )
 
 
@@ -560,35 +553,12 @@ def estimate_for_config(config: "FinetuneConfig", dtype: Optional[str] = None) -
     )
 
 
-def estimate_for_recipe(recipe: str, **overrides: Any) -> Estimate:
-    """The estimate for a recipe (name or path), with finetune options overridden."""
-    from l1ra_lite.config import build_config
-
-    return estimate_for_config(build_config(recipe, overrides))
-
-
-def format_plain(est: Estimate, gpu_gib: Optional[float] = None) -> str:
-    """The estimate as plain text lines (for scripts and logs)."""
-    lines = [
-        f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
-        f"seq {est.seq_len} x batch {est.batch_size}"
-    ]
-    for key, value in est.parts.items():
-        lines.append(f"  {part_label(est, key):<40} {value / GIB:7.2f} GiB")
-    low, high = est.adapter_range
-    lines.append(f"  {'(adapters, ranks spread evenly)':<40} {low / GIB:7.2f} GiB")
-    lines.append(f"  {'total':<40} {est.total_gib:7.2f} GiB")
-    if gpu_gib is not None:
-        lines.append("  " + fit_sentence(est, gpu_gib))
-    return "\n".join(lines)
-
-
 def part_label(est: Estimate, key: str) -> str:
     """PART_LABELS[key], with what this estimate assumed where a part depends on it."""
-    if key == "weights_16bit" and est.notes.get("dtype") == "fp32":
+    if key == "weights_16bit" and est.dtype == "fp32":
         return "embeddings, head, norms (fp32)"
-    if key == "fragmentation" and "fragmentation_share" in est.notes:
-        return f"{PART_LABELS[key]} ({est.notes['fragmentation_share']:.0%})"
+    if key == "fragmentation":
+        return f"{PART_LABELS[key]} ({est.fragmentation_share:.0%})"
     return PART_LABELS[key]
 
 

@@ -33,7 +33,7 @@ class RunStarted:
     budget: int  # total rank
     ranks: dict[str, int]  # full module path -> rank at the start
     update_every: int  # optimiser steps between reallocations (0: never)
-    first_update: int  # first step at which a reallocation may happen
+    next_update: Optional[int]  # step of the first reallocation from here, None when none will happen
     device: str
     start_step: int = 0  # > 0 when resuming
 

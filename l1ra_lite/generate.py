@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.export.run_folder import RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 
 @dataclass

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from l1ra_lite.data import IGNORE_INDEX
+
 # The architectures whose ForCausalLM.forward computes `logits = lm_head(hidden)` and
 # nothing more (checked in transformers' source for each).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -29,7 +31,6 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Logits alive at once: 16M entries, ~224 MiB with the fp32 copy and both gradients;
 # 130 tokens of Llama-3's vocabulary, 512 of Mistral's.
 CHUNK_LOGITS = 1 << 24
-IGNORE_INDEX = -100
 
 
 def plain_causal_lm(model: torch.nn.Module):
@@ -55,7 +56,7 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
     """Mean cross-entropy of the labelled next tokens of `batch` (input_ids, attention_mask,
-    labels with -100 where there is nothing to predict).
+    labels IGNORE_INDEX where there is nothing to predict).
 
     `labels` may stay on the CPU while the rest of the batch is on the GPU (the training
     loop does that): the labelled positions are then found on the CPU, and the GPU never

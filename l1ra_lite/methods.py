@@ -16,7 +16,7 @@ import torch
 
 from l1ra_lite.baselines import PeftAdaLoRA, PeftLoRA
 from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda, shrink_steps
-from l1ra_lite.l1ra.inject import find_targets, initial_ranks
+from l1ra_lite.l1ra.inject import default_budget, find_targets, initial_ranks
 from l1ra_lite.l1ra.method import L1RAMethod
 from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
 
@@ -89,7 +89,7 @@ def attach_method(model, config: FinetuneConfig, schedule, saved_ranks: Optional
     and alpha (default: the mean rank, so the scale is 1). `schedule` is the run's
     l1ra_lite.train.Schedule (total, warmup and update steps)."""
     paths = find_targets(model, config.target_modules)
-    budget = config.budget if config.budget is not None else 8 * len(paths)
+    budget = config.budget if config.budget is not None else default_budget(len(paths))
     initial_ranks(budget, len(paths))  # refuses a budget below one rank per module
     alpha = config.alpha if config.alpha is not None else budget / len(paths)
     common = {"paths": paths, "budget": budget, "alpha": alpha}

@@ -81,11 +81,6 @@ class ModelSource:
     def is_local(self) -> bool:
         return Path(self.path).is_dir()
 
-    @property
-    def short_name(self) -> str:
-        """The last part of the name, usable in a folder name ("org/Model-7B" -> "Model-7B")."""
-        return Path(self.name.rstrip("/\\")).name or "model"
-
 
 # --------------------------------------------------------------------------- resolving
 
@@ -149,7 +144,9 @@ def embedded_model_dir(cache_dir: Optional[Path] = None) -> Path:
     """The embedded default as a Hugging Face folder, converting it on first use.
 
     The conversion writes into a temporary folder next to the target and renames it into
-    place, so an interrupted conversion never leaves a half-written model behind.
+    place, so an interrupted conversion never leaves a half-written model behind. Unlike
+    l1ra_lite.atomic's helpers, which replace what is there, the first complete folder
+    wins: another process may already be loading it.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / EMBEDDED_FOLDER
@@ -361,11 +358,6 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     return _load_from(source, lambda path: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-
-
-def model_type(source: ModelSource, trust_remote_code: bool = False) -> str:
-    """config.model_type of the model, e.g. "llama", "mistral", "qwen2"."""
-    return load_config(source, trust_remote_code).model_type
 
 
 def load_model(

@@ -9,16 +9,6 @@ import threading
 import pytest
 from rich.console import Console
 
-from l1ra_lite import dashboard
-from l1ra_lite.dashboard import (
-    DashboardState,
-    RankHeatMap,
-    first_update_after,
-    memory_colour,
-    open_display,
-    render,
-    sparkline,
-)
 from l1ra_lite.events import (
     CheckpointSaved,
     Evaluated,
@@ -28,6 +18,15 @@ from l1ra_lite.events import (
     RunStarted,
     StepLogged,
 )
+from l1ra_lite.ui import dashboard
+from l1ra_lite.ui.dashboard import (
+    DashboardState,
+    memory_colour,
+    open_display,
+    render,
+    sparkline,
+)
+from l1ra_lite.ui.rank_views import RankHeatMap
 
 GIB = 1024**3
 TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -60,7 +59,7 @@ def scripted_events() -> list:
     after = dict(ranks)
     after[K0], after[UP1] = 1, 7
     events = [RunStarted(model="tiny", method="l1ra", output_dir="runs/tiny", total_steps=100,
-                         steps_per_epoch=50, budget=56, ranks=ranks, update_every=5, first_update=5,
+                         steps_per_epoch=50, budget=56, ranks=ranks, update_every=5, next_update=5,
                          device="cpu")]
     events += [step_event(s) for s in range(1, 6)]
     events.append(Reallocated(step=5, budget=56, pruned={K0: 3}, added={UP1: 3}, ranks=after,
@@ -114,7 +113,7 @@ def test_screen_shows_the_numbers_of_a_cpu_run_with_a_reallocation():
 def test_screen_before_any_step_and_with_reallocation_off():
     started = RunStarted(model="tiny", method="lora", output_dir="runs/t", total_steps=10,
                          steps_per_epoch=10, budget=56, ranks=start_ranks(), update_every=0,
-                         first_update=0, device="cpu")
+                         next_update=None, device="cpu")
     text = draw(render(state_after([started])))
     assert "0/10" in text
     assert "waiting for the first step" in text
@@ -175,12 +174,14 @@ def test_sparkline_keeps_the_last_losses():
     assert state.losses[0] == pytest.approx(3.0 - 0.1 * 11)
 
 
-def test_next_reallocation_when_resuming():
-    assert first_update_after(0, 20, 20, 100) == 20
-    assert first_update_after(25, 20, 20, 100) == 40
-    assert first_update_after(40, 20, 20, 100) == 60
-    assert first_update_after(95, 20, 20, 100) is None
-    assert first_update_after(0, 0, 0, 100) is None
+def test_the_next_reallocation_shown_is_the_one_the_events_name():
+    resumed = RunStarted(model="tiny", method="l1ra", output_dir="runs/t", total_steps=100, steps_per_epoch=50,
+                         budget=56, ranks=start_ranks(), update_every=20, next_update=40, device="cpu",
+                         start_step=25)
+    assert state_after([resumed]).next_update == 40
+    assert "step 40" in draw(render(state_after([resumed])))
+    last = Reallocated(step=80, budget=56, pruned={}, added={}, ranks=start_ranks(), next_update=None, seconds=0.0)
+    assert "none left" in draw(render(state_after([resumed, last])))
 
 
 def test_plain_lines_when_the_console_is_not_a_terminal():
@@ -218,11 +219,11 @@ def test_plain_flag_wins_on_a_terminal_and_cuda_lines_show_the_card():
     with open_display(plain=True, console=console) as report:
         report(scripted_events()[0])
         report(step_event(1, cuda))
-        report(RunFinished(step=1, output_dir="runs/tiny", adapter_dir="", interrupted=True))
+        report(RunFinished(step=1, output_dir="runs/tiny", adapter_dir="runs/tiny/adapter"))
     text = out.getvalue()
     assert "╭" not in text
     assert "mem 9.50 GiB alloc, 11.20 GiB reserved, peak 10.90/12.00 GiB" in text
-    assert "interrupted at step 1" in text.splitlines()[-1]
+    assert text.splitlines()[-1].startswith("finished 1 steps")
 
 
 def test_live_report_only_updates_state_and_the_screen_is_drawn_elsewhere(monkeypatch):

@@ -115,7 +115,7 @@ def test_tied_embeddings_count_once():
 def test_auto_bf16_and_fp16_give_the_16bit_counts(mistral):
     settings = dict(budget=512, seq_len=2048, batch_size=1, expandable_segments=False)
     auto = estimate(mistral, **settings)
-    assert auto.notes["dtype"] == "auto"
+    assert auto.dtype == "auto"
     for dtype in ("bf16", "fp16"):
         assert estimate(mistral, dtype=dtype, **settings).parts == auto.parts
 
@@ -164,7 +164,7 @@ def test_fragmentation_follows_the_allocator_setting(mistral, monkeypatch):
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")  # the user's own settings
     assert estimate(mistral, **settings).parts == fixed.parts
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256,expandable_segments:True")
-    assert estimate(mistral, **settings).notes["expandable_segments"] is True
+    assert estimate(mistral, **settings).expandable_segments is True
 
 
 # --- behaviour ------------------------------------------------------------------------

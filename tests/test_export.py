@@ -214,7 +214,7 @@ def test_adapter_with_extra_tensor_is_refused(tmp_path, run_none):
 
 def test_hf_export_f32_matches_peft_on_16bit_base(run_none, tmp_path):
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     out = export_hf(read_run(run_none), tmp_path / "hf", dtype="f32")
     assert not (out / "adapter_config.json").exists()
@@ -231,7 +231,7 @@ def test_hf_export_f32_matches_peft_on_16bit_base(run_none, tmp_path):
 def test_hf_export_dequantized_matches_peft_on_nf4_base(run_nf4, tmp_path):
     """Default for an nf4 run: merge into the dequantised NF4 weights the adapter saw."""
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     run = read_run(run_nf4)
     dequantized = export_hf(run, tmp_path / "deq", dtype="f32")
@@ -253,7 +253,7 @@ def test_nf4_reference_on_the_cpu_kernel_this_machine_has(run_nf4, tmp_path, bnb
     its bf16 inference kernel, which is what generate uses there: documented bound 5e-2
     (bf16 carries ~3 significant digits on logits of |x| < 10; 0.015 seen on a Xeon)."""
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     exported = hf_logits(export_hf(read_run(run_nf4), tmp_path / "deq", dtype="f32"), IDS)
     reference = peft_logits(run_nf4, IDS, nf4=True, bnb_cpu_inference=bnb_cpu_inference)
@@ -264,7 +264,7 @@ def test_hf_export_f16_sharded(run_none, tmp_path):
     """f16 export: documented bound 2e-2 on these logits (|logit| < 10, f16 weights carry
     ~3 significant digits); sharding writes an index that transformers follows."""
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     out = export_hf(read_run(run_none), tmp_path / "hf16", dtype="f16", shard_bytes=60_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -279,7 +279,7 @@ def test_hf_export_bf16_has_bf16_weights(run_none, tmp_path):
     from safetensors import safe_open
 
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     out = export_hf(read_run(run_none), tmp_path / "hfbf", dtype="bf16")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -303,7 +303,7 @@ def test_gguf_lora_reads_back_with_permutation_undone(run_none, tmp_path):
     from l1ra_lite.export.gguf_lora import export_gguf_lora
     from l1ra_lite.export.llama_gguf import unpermute_rows
     from l1ra_lite.export.lora import read_adapter
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     out = export_gguf_lora(read_run(run_none), tmp_path / "adapter.gguf")
     reader = gguf.GGUFReader(out)
@@ -361,14 +361,14 @@ def test_gguf_model_reads_back_as_the_merged_weights(run_nf4, tmp_path, dtype, t
 
     from l1ra_lite.export.gguf_model import export_gguf
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.llama_gguf import LlamaLayout
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.export.llama_gguf import DecoderLayout
+    from l1ra_lite.finished_run import read_run
 
     run = read_run(run_nf4)
     merged_dir = export_hf(run, tmp_path / "hf", dtype="f32")  # checked against peft above
     path, modelfile = export_gguf(run, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
     weights, fields = _gguf_weights(path)
-    layout = LlamaLayout("llama", n_layers=2, n_head=4, n_kv_head=2, permute_qk=True)
+    layout = DecoderLayout("llama", n_layers=2, n_head=4, n_kv_head=2, permute_qk=True)
     with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
         assert len(weights) == len(list(f.keys()))
         for hf_name in f.keys():
@@ -427,7 +427,7 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from l1ra_lite.export.gguf_model import export_gguf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     run = make_run(tmp_path, model_type="mistral")
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -459,6 +459,11 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
 # ---------------------------------------------------------------- CLI and bad input
 
 
+def set_aside(folder: Path) -> list[Path]:
+    """What l1ra_lite.atomic left beside the targets: files being written or replaced."""
+    return list(folder.glob(".*.tmp-*")) + list(folder.glob(".*.old-*"))
+
+
 def test_cli_export_defaults_and_refuses_to_overwrite(run_none, capsys):
     target = run_none / "adapter.gguf"
     assert cli_main(["export", str(run_none), "--format", "gguf-lora"]) == 0
@@ -469,7 +474,7 @@ def test_cli_export_defaults_and_refuses_to_overwrite(run_none, capsys):
     assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
     assert target.read_bytes() == before
     assert cli_main(["export", str(run_none), "--format", "gguf-lora", "--overwrite"]) == 0
-    assert not list(run_none.glob(".*partial*"))
+    assert not set_aside(run_none)
 
 
 def test_cli_export_hf_default_folder(run_none):
@@ -502,7 +507,7 @@ def test_cli_unsupported_architecture_for_gguf(run_none, tmp_path, capsys):
     assert cli_main(["export", str(run), "--format", "gguf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--format hf" in err[0] and "gpt_neox" in err[0]
-    assert not list(run.glob("*.gguf")) and not list(run.glob(".*partial*"))
+    assert not list(run.glob("*.gguf")) and not set_aside(run)
 
 
 def test_cli_dequantized_merge_needs_nf4_run(run_none, tmp_path, capsys):
@@ -528,7 +533,7 @@ def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):
     save_file(tensors, str(run / "adapter" / "adapter_model.safetensors"))
     assert cli_main(["export", str(run), "--format", "gguf", "--overwrite"]) == 2
     assert target.read_bytes() == b"old"
-    assert not list(run.glob(".*partial*"))
+    assert not set_aside(run)
 
 
 def test_unfinished_run_advice_is_a_finetune_command_that_resumes_that_run(tmp_path):
@@ -538,7 +543,7 @@ def test_unfinished_run_advice_is_a_finetune_command_that_resumes_that_run(tmp_p
     import shlex
 
     from l1ra_lite.cli import build_parser
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -174,6 +174,9 @@ def test_reallocation_waits_for_warmup_and_skips_the_last_step():
     schedule = plan_schedule(FinetuneConfig(max_steps=12, warmup=3, update_every=3), 100)
     assert [s for s in range(13) if schedule.reallocates_at(s)] == [6, 9]
     assert schedule.first_update == 6 and schedule.next_update(6) == 9 and schedule.next_update(9) is None
+    # Resumed at any step, the next one is the same as the uninterrupted run's.
+    every20 = plan_schedule(FinetuneConfig(max_steps=100, warmup=0, update_every=20), 100)
+    assert [every20.next_update(s) for s in (0, 25, 40, 95)] == [20, 40, 60, None]
     fractions = plan_schedule(FinetuneConfig(max_steps=200, warmup=0.03, update_every=0.05), 100)
     assert (fractions.warmup_steps, fractions.update_every) == (6, 10)
     window = plan_schedule(FinetuneConfig(max_steps=20, warmup=2, update_every=3, shrink_until=0.6), 100)

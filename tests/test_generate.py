@@ -18,7 +18,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
     from l1ra_lite.generate import load_for_generation
 
     return load_for_generation(read_run(run_dir), device="cpu")

@@ -43,7 +43,7 @@ def test_whole_model_gguf_logits_match_hf_export(tied_run, tmp_path):
     """f32 GGUF vs the f32 hf export: llama.cpp keeps its KV cache in f16, hence 1e-2."""
     from l1ra_lite.export.gguf_model import export_gguf
     from l1ra_lite.export.hf import export_hf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     run = read_run(tied_run)
     hf = export_hf(run, tmp_path / "hf", dtype="f32")
@@ -66,7 +66,7 @@ def test_gguf_lora_moves_llama_cpp_logits_like_peft(tmp_path):
 
     from l1ra_lite.export.gguf_lora import export_gguf_lora
     from l1ra_lite.export.gguf_model import export_gguf
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     run_dir = make_run(tmp_path, quant="none", tied=True)
     # the base alone as GGUF: the same run with lora_B zeroed, merged into the original weights

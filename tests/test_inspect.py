@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import l1ra_lite.cli as cli
 from l1ra_lite.errors import UserError
-from l1ra_lite.inspect_run import render_summary, summarize, write_png
+from l1ra_lite.ui.inspect import render_summary, summarize, write_png
 
 TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -45,7 +45,7 @@ def write_run(folder) -> None:
 
 
 def write_adapter(folder, ranks: dict[str, int], rank_pattern: dict[str, int] | None = None) -> None:
-    """A peft LoRA folder as adapter_io writes it (hidden 16, so in = out = 16)."""
+    """A peft LoRA folder as l1ra_lite.peft_adapter writes it (hidden 16, so in = out = 16)."""
     tensors = {}
     for path, r in ranks.items():
         tensors[f"base_model.model.{path}.lora_A.weight"] = torch.zeros(r, 16, dtype=torch.bfloat16)

@@ -89,7 +89,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(w
 def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_stays_good(workdir, monkeypatch, capsys):
     from contextlib import contextmanager
 
-    import l1ra_lite.dashboard as dashboard
+    import l1ra_lite.ui.dashboard as dashboard
 
     @contextmanager
     def display(plain, console=None):

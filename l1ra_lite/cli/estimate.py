@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any, Optional
 
-from l1ra_lite.models import DTYPE_CHOICES  # a light import: torch loads inside its functions
+from l1ra_lite.models import DTYPE_CHOICES, QUANT_CHOICES  # a light import: torch loads inside its functions
 
 HELP = "Predict the peak GPU memory of a fine-tuning run (model config only, no weights)."
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens a sequence")
     parser.add_argument("--batch-size", type=int, help="sequences a forward pass")
     parser.add_argument("--target-modules", help="comma-separated module names (default: every linear layer)")
-    parser.add_argument("--quant", choices=("nf4", "none"), help="base weights in 4-bit NF4 or 16-bit")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, help="base weights in 4-bit NF4 or 16-bit")
     parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -83,7 +83,7 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
             f"one layer recomputed {gib(est.layer_phase_bytes)}"
         ),
         "fragmentation": "reserved beyond allocated, "
-        + ("expandable segments" if est.notes.get("expandable_segments") else "fixed-size segments"),
+        + ("expandable segments" if est.expandable_segments else "fixed-size segments"),
     }
     title = (
         f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "

@@ -44,7 +44,7 @@ def default_out(run_dir: Path, fmt: str, dtype: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from l1ra_lite.errors import UserError
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
 
     dtype = args.dtype or DEFAULT_DTYPES[args.format]
     run_info = read_run(args.run_dir)

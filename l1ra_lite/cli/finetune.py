@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args.recipe, overrides)
         run_dir = prepare_output(config, args.overwrite)
 
-    from l1ra_lite.dashboard import open_display
+    from l1ra_lite.ui.dashboard import open_display
     from l1ra_lite.train import Interrupted, OutOfMemory, train
 
     print(f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",

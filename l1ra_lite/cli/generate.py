@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from l1ra_lite.export.run_folder import read_run
+    from l1ra_lite.finished_run import read_run
     from l1ra_lite.generate import chat_loop, generate_reply, load_for_generation
 
     run_info = read_run(args.run_dir)

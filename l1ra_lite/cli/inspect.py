@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from l1ra_lite.inspect_run import render_summary, summarize, write_png
+    from l1ra_lite.ui.inspect import render_summary, summarize, write_png
 
     summary = summarize(args.run_dir)
     if args.png:

@@ -16,7 +16,7 @@ from l1ra_lite.errors import UserError
 from l1ra_lite.export.llama_gguf import GGUF_LORA_ARCHS, layout_for
 from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.output import atomic_path
-from l1ra_lite.export.run_folder import RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 LORA_DTYPES = {"f32": np.float32, "f16": np.float16}
 

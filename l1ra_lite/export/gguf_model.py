@@ -17,12 +17,12 @@ import numpy as np
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.export.gguf_vocab import add_vocab
-from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, LlamaLayout, layout_for
+from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, DecoderLayout, layout_for
 from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.merge import MergePlan, make_plan, merged_tensors, resolve_merge_into
 from l1ra_lite.export.modelfile import write_modelfile
 from l1ra_lite.export.output import atomic_path, check_target
-from l1ra_lite.export.run_folder import RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; llama.cpp computes them
@@ -134,7 +134,7 @@ def llama3_rope_factors(config) -> Optional[np.ndarray]:
     return (plain / scaled.double()).float().numpy()
 
 
-def tensor_list(plan: MergePlan, layout: LlamaLayout, dtype: str, rope_factors) -> list[GgufTensor]:
+def tensor_list(plan: MergePlan, layout: DecoderLayout, dtype: str, rope_factors) -> list[GgufTensor]:
     """Every tensor of the file, in the order its data is written."""
     import gguf
 
@@ -175,7 +175,7 @@ def encode(array: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
-def write_data(writer, plan: MergePlan, layout: LlamaLayout, tensors: list[GgufTensor], rope_factors) -> None:
+def write_data(writer, plan: MergePlan, layout: DecoderLayout, tensors: list[GgufTensor], rope_factors) -> None:
     expected = iter(tensors)
     for hf_name, tensor in merged_tensors(plan):
         if hf_name.endswith(SKIPPED):

@@ -22,11 +22,24 @@ from l1ra_lite.errors import UserError
 from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.merge import MergePlan, TensorSpec, make_plan, merged_tensors, resolve_merge_into
 from l1ra_lite.export.output import atomic_path
-from l1ra_lite.export.run_folder import TOKENIZER_FILES, RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DEFAULT_SHARD_BYTES = 5 * 10**9
+
+# The tokenizer files a model folder may carry; copied as they are into the export.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def export_hf(

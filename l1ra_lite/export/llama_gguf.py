@@ -1,9 +1,9 @@
-"""What llama.cpp expects from a llama-family model in GGUF: names and the q/k layout.
+"""What llama.cpp expects from a decoder in GGUF (llama, mistral, qwen2): names and the q/k layout.
 
-llama.cpp applies rotary embeddings to interleaved pairs of each head's dimensions,
-transformers to its two halves; so the rows of q_proj (and k_proj, with the number of
-key/value heads) are reordered within each head when written to GGUF, exactly as
-llama.cpp's convert_hf_to_gguf.py does for llama. A LoRA's B is reordered the same
+For its llama architecture, llama.cpp applies rotary embeddings to interleaved pairs of
+each head's dimensions, transformers to its two halves; so the rows of q_proj (and
+k_proj, with the number of key/value heads) are reordered within each head when written
+to GGUF, exactly as llama.cpp's convert_hf_to_gguf.py does for llama (qwen2 keeps them). A LoRA's B is reordered the same
 way: P(W + s B A) = P W + s (P B) A.
 """
 
@@ -21,7 +21,9 @@ GGUF_MODEL_ARCHS = ("llama", "mistral")
 
 
 @dataclass
-class LlamaLayout:
+class DecoderLayout:
+    """A base model's decoder as llama.cpp's architecture `arch` lays it out."""
+
     arch: str  # llama.cpp architecture name ("llama", "qwen2")
     n_layers: int
     n_head: int
@@ -76,7 +78,7 @@ def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(rows.shape)
 
 
-def layout_for(base_config: dict, model_type: str, archs) -> LlamaLayout:
+def layout_for(base_config: dict, model_type: str, archs) -> DecoderLayout:
     """The layout of a base model's config.json; a UserError for architectures we do not write."""
     if model_type not in archs:
         raise UserError(
@@ -85,7 +87,7 @@ def layout_for(base_config: dict, model_type: str, archs) -> LlamaLayout:
         )
     arch, permute = GGUF_LORA_ARCHS[model_type]
     n_head = int(base_config["num_attention_heads"])
-    return LlamaLayout(
+    return DecoderLayout(
         arch=arch,
         n_layers=int(base_config["num_hidden_layers"]),
         n_head=n_head,

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from l1ra_lite.errors import UserError
 from l1ra_lite.export.lora import LoraAdapter
-from l1ra_lite.export.run_folder import RunInfo
+from l1ra_lite.finished_run import RunInfo
 
 MERGE_TARGETS = ("dequantized", "original")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default, used by transformers' Linear4bit

@@ -1,16 +1,17 @@
-"""Write exports to a temporary path next to the target and rename at the end.
+"""Exports never overwrite by accident and never leave half a file.
 
-A failed or interrupted export leaves the user's files as they were: the target is
-only replaced once the new file or folder is complete, and only with --overwrite.
+An existing target is refused unless --overwrite; the new file or folder is written
+aside and renamed into place once complete (l1ra_lite.atomic), so a failed or
+interrupted export leaves the user's files as they were.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from l1ra_lite.atomic import written_aside
 
 
 def check_target(target: Path, overwrite: bool) -> None:
@@ -26,20 +27,5 @@ def atomic_path(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `target`, on error it is removed."""
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    _remove(temp)
-    try:
+    with written_aside(target) as temp:
         yield temp
-    except BaseException:
-        _remove(temp)
-        raise
-    if target.exists():
-        _remove(target)
-    os.replace(temp, target)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

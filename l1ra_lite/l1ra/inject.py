@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.module_paths import layer_index
+from l1ra_lite.module_paths import layer_index, matches_target
 from l1ra_lite.l1ra.layer import L1RALinear
 
 
@@ -35,7 +35,7 @@ def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = Non
         if not _is_linear(module) or isinstance(module, L1RALinear):
             continue
         if target_modules:
-            if any(path == name or path.endswith("." + name) for name in target_modules):
+            if any(matches_target(path, name) for name in target_modules):
                 paths.append(path)
         elif layer_index(path) is not None:
             paths.append(path)
@@ -45,8 +45,23 @@ def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = Non
     return paths
 
 
+RANKS_PER_ADAPTER = 8  # the default budget, per adapter
+
+
+def default_budget(n_adapters: int) -> int:
+    """The total rank when the user gives none."""
+    return RANKS_PER_ADAPTER * n_adapters
+
+
+def even_split(budget: int, n_adapters: int) -> list[int]:
+    """The budget spread evenly; the remainder goes one each to the first adapters."""
+    base, extra = divmod(budget, n_adapters)
+    return [base + (1 if i < extra else 0) for i in range(n_adapters)]
+
+
 def initial_ranks(budget: int, n_adapters: int) -> list[int]:
-    """Spread the budget evenly; the remainder goes one each to the first adapters."""
+    """The ranks a run starts with (`even_split`); a UserError for a budget that cannot
+    give every adapter one rank."""
     if budget <= 0:
         raise UserError(f"the rank budget must be positive (got {budget})")
     if budget < n_adapters:
@@ -55,8 +70,7 @@ def initial_ranks(budget: int, n_adapters: int) -> list[int]:
             f"every adapter needs at least one rank, so use --budget {n_adapters} or more, "
             "or fewer --target-modules"
         )
-    base, extra = divmod(budget, n_adapters)
-    return [base + (1 if i < extra else 0) for i in range(n_adapters)]
+    return even_split(budget, n_adapters)
 
 
 def inject_adapters(
@@ -70,7 +84,7 @@ def inject_adapters(
 ) -> dict[str, L1RALinear]:
     """Freeze the model and replace each target linear layer by an L1RALinear.
 
-    `budget` is the sum of ranks over all adapters (default 8 per adapter). The scale
+    `budget` is the sum of ranks over all adapters (default: `default_budget`). The scale
     is the same for every adapter: s = alpha / r_mean, with alpha defaulting to r_mean
     (s = 1), so adapters that start at 2 and at 3 ranks are not scaled differently.
     `ranks` (path -> rank) rebuilds a saved allocation, e.g. to resume a run; the
@@ -79,7 +93,7 @@ def inject_adapters(
     for p in model.parameters():
         p.requires_grad_(False)
     paths = find_targets(model, target_modules)
-    budget = 8 * len(paths) if budget is None else budget
+    budget = default_budget(len(paths)) if budget is None else budget
     if ranks is None:
         rank_list = initial_ranks(budget, len(paths))
     else:

@@ -104,7 +104,7 @@ class L1RAMethod:
     def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
                      tokenizer) -> None:
         """A standard peft LoRA folder: the gates and the scale folded into B."""
-        from l1ra_lite.adapter_io import save_peft_adapter
+        from l1ra_lite.peft_adapter import save_peft_adapter
 
         save_peft_adapter(self.adapters, folder, base_model, lora_alpha=max(1, round(self.alpha)),
                           dropout=dropout, target_modules=target_modules, tokenizer=tokenizer)

@@ -53,7 +53,8 @@ class L1RAOptimizer(torch.optim.Optimizer):
 
     @property
     def prune_threshold(self) -> float:
-        """Gates below this are pruned at the next reallocation (DESIGN.md section 2)."""
+        """Gates below this (eta_c * lambda, the L1 shrink's dead zone) are pruned at the next
+        reallocation (l1ra_lite.l1ra.policy)."""
         group = self.gate_group
         return group["lr"] * group["l1_lambda"] + 1e-10
 

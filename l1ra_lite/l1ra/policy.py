@@ -118,6 +118,3 @@ def relative_gate_rule(evidence: Sequence[RankEvidence], threshold: float, fract
     gates = [tuple(e.gate) for e in evidence]
     cut = tuple(tuple(g < max(threshold, fraction * max(gs)) for g in gs) for gs in gates)
     return Verdict(tuple(gates), cut, tuple(min(gs) / max(max(gs), 1e-12) for gs in gates))
-
-
-RULES = {"paper": paper_rule, "importance": importance_rule, "relative-gate": relative_gate_rule}

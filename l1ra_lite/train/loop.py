@@ -416,7 +416,8 @@ def train(
         model=run.source.name, method=config.method, output_dir=str(run_dir), total_steps=schedule.total_steps,
         steps_per_epoch=schedule.steps_per_epoch, budget=run.method.rank_state.budget,
         ranks=dict(run.method.rank_state.ranks), update_every=schedule.update_every if run.method.moves_rank else 0,
-        first_update=schedule.first_update, device=run.device, start_step=run.progress.step,
+        next_update=schedule.next_update(run.progress.step) if run.method.moves_rank else None, device=run.device,
+        start_step=run.progress.step,
     ))
     fit(run, should_stop)
     return finish(run)

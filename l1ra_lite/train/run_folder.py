@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from l1ra_lite.adapter_io import target_names
 from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_tensors_atomic, write_text_atomic
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra.inject import find_targets
 from l1ra_lite.models import ModelSource
+from l1ra_lite.module_paths import model_path
+from l1ra_lite.peft_adapter import target_names
 
 
 def write_run_config(run_dir: Path, config: FinetuneConfig, extra: dict) -> None:
@@ -80,7 +81,7 @@ def save_adapter(method, run_dir: Path, source: ModelSource, config: FinetuneCon
 
 def _all_decoder_linears(model) -> list[str]:
     try:
-        return [p.removeprefix("base_model.model.") for p in find_targets(model, None)]
+        return [model_path(p) for p in find_targets(model, None)]
     except UserError:  # no numbered blocks: the adapter config will list full paths
         return []
 

@@ -1,4 +1,5 @@
-"""Read a finished run folder: what the base model was and where the adapter lies.
+"""Read a finished run folder: what the base model was and where the adapter lies (for
+export and generate; the training loop writes the folder, l1ra_lite.train.run_folder).
 
 A run is finished once `adapter/` exists (see docs/CONTRACTS.md). The base is the
 16-bit model the run was loaded from: a local folder, or a hub id resolved through the
@@ -12,27 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l1ra_lite.errors import UserError
-
-# The tokenizer files a model folder may carry; copied as they are into exports.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
+from l1ra_lite.models import QUANT_CHOICES  # a light import: torch loads inside its functions
+from l1ra_lite.peft_adapter import ADAPTER_CONFIG
 
 @dataclass
 class RunInfo:
     run_dir: Path
     adapter_dir: Path
     base_dir: Path  # local folder holding the base's config.json and safetensors
-    quant: str  # "nf4" | "none": how the base was loaded during training
+    quant: str  # one of QUANT_CHOICES: how the base was loaded during training
     compute_dtype: str  # "bfloat16" | "float32"
     trust_remote_code: bool
     model_type: str
@@ -46,7 +35,7 @@ class RunInfo:
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
-    """Check that `run_dir` is a finished run and return what export needs from it."""
+    """Check that `run_dir` is a finished run and return what export and generate need from it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder (expected a finished run folder like runs/<name>)")
@@ -54,7 +43,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     adapter_dir = run_dir / "adapter"
     if not config_path.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.json")
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"{run_dir} is not a finished run: it has no adapter/ (training did not finish; "
             f"resume it with `l1ra-lite finetune --resume {run_dir}`)"
@@ -66,8 +55,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if "base_model_path" not in config:
         raise UserError(f"{config_path} has no 'base_model_path': not a run folder written by l1ra-lite")
     quant = config.get("quant", "nf4")
-    if quant not in ("nf4", "none"):
-        raise UserError(f"{config_path}: unknown quant {quant!r} (expected nf4 or none)")
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"{config_path}: unknown quant {quant!r} (expected {' or '.join(QUANT_CHOICES)})")
     compute_dtype = config.get("compute_dtype", "bfloat16")
     if compute_dtype not in ("bfloat16", "float32", "float16"):
         raise UserError(f"{config_path}: unknown compute_dtype {compute_dtype!r}")

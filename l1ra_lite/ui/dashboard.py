@@ -7,8 +7,8 @@ redraws from the latest state a few times a second in rich's own refresh thread.
 can draw it into a recording console. When the output is not a terminal (CI,
 `nohup`, a pipe) or `--plain` is given, plain lines are printed instead.
 
-The rank views (`rank_by_type`, `rank_by_layer`, `RankHeatMap`) are shared with
-`l1ra-lite inspect`.
+The rank views (heat map, totals by type and layer) live in l1ra_lite.ui.rank_views,
+shared with `l1ra-lite inspect`.
 """
 
 from __future__ import annotations
@@ -38,126 +38,17 @@ from l1ra_lite.events import (
     RunStarted,
     StepLogged,
 )
-from l1ra_lite.module_paths import layer_index, module_type
+from l1ra_lite.ui.rank_views import RankHeatMap, rank_by_type, type_label
 
 REFRESH_PER_SECOND = 4  # redraws of the live screen; the training loop never waits on them
 LOSS_WINDOW = 40  # losses kept for the sparkline
 GIB = 1024**3
 
-# Llama-family projections first, in the order of the forward pass; anything else after.
-TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Heat-map levels, lowest rank to highest: a shade character (readable without colour)
-# and a colour.
-HEAT_CHARS = "░▒▓█"
-HEAT_COLOURS = ("blue", "green", "yellow", "red")
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 
 
 # ----------------------------------------------------------------------------------------
-# Rank views (also used by `l1ra-lite inspect`)
-
-
-def type_label(mtype: str) -> str:
-    """'q_proj' -> 'q', 'gate_proj' -> 'gate'; other module types are shown as they are."""
-    return mtype[: -len("_proj")] if mtype in TYPE_ORDER else mtype
-
-
-def ordered_types(types) -> list[str]:
-    """Known projection types in forward order, then any others sorted by name."""
-    present = set(types)
-    return [t for t in TYPE_ORDER if t in present] + sorted(present.difference(TYPE_ORDER))
-
-
-def rank_by_type(ranks: dict[str, int]) -> dict[str, int]:
-    """Module path -> rank  to  module type -> total rank, in `ordered_types` order."""
-    totals: dict[str, int] = {}
-    for path, rank in ranks.items():
-        mtype = module_type(path)
-        totals[mtype] = totals.get(mtype, 0) + rank
-    return {t: totals[t] for t in ordered_types(totals)}
-
-
-def rank_by_layer(ranks: dict[str, int]) -> dict[Optional[int], int]:
-    """Module path -> rank  to  layer index -> total rank, sorted by layer. Modules
-    outside the numbered blocks (e.g. lm_head) are summed under the key None, last."""
-    totals: dict[Optional[int], int] = {}
-    for path, rank in ranks.items():
-        layer = layer_index(path)
-        totals[layer] = totals.get(layer, 0) + rank
-    numbered = sorted(k for k in totals if k is not None)
-    ordered = {k: totals[k] for k in numbered}
-    if None in totals:
-        ordered[None] = totals[None]
-    return ordered
-
-
-def heat_level(rank: int, max_rank: int) -> int:
-    """0..3: which quarter of the largest rank this rank falls in."""
-    if max_rank <= 0:
-        return 0
-    return min(len(HEAT_CHARS) - 1, max(0, math.ceil(rank / max_rank * len(HEAT_CHARS)) - 1))
-
-
-class RankHeatMap:
-    """Module type (rows) x layer (columns) grid of ranks.
-
-    A rich renderable that picks its cell form from the width it is given: the rank
-    numbers on a coloured background when they fit, one shaded block per cell when
-    they do not (a 32-layer model still fits in an 80-column panel)."""
-
-    def __init__(self, ranks: dict[str, int]):
-        self.types = ordered_types(module_type(p) for p in ranks)
-        self.layers = sorted({i for p in ranks if (i := layer_index(p)) is not None})
-        self.cells: dict[tuple[str, int], int] = {}
-        for path, rank in ranks.items():
-            layer = layer_index(path)
-            if layer is not None:
-                key = (module_type(path), layer)
-                self.cells[key] = self.cells.get(key, 0) + rank
-        self.max_rank = max(self.cells.values(), default=0)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if not self.cells:
-            yield Text("(no modules inside numbered layers)", style="dim")
-            return
-        label_width = max(len(type_label(t)) for t in self.types) + 1
-        digits = len(str(self.max_rank))
-        numbers_fit = label_width + len(self.layers) * (digits + 1) <= options.max_width
-        cell_width = digits + 1 if numbers_fit else 1
-        yield self._header(label_width, cell_width)
-        for mtype in self.types:
-            line = Text(type_label(mtype).ljust(label_width))
-            for layer in self.layers:
-                rank = self.cells.get((mtype, layer))
-                line.append_text(self._cell(rank, numbers_fit, digits))
-            yield line
-        scale = "" if numbers_fit else f", {HEAT_CHARS[0]} low .. {HEAT_CHARS[-1]} high"
-        yield Text(
-            f"{'':{label_width}}layers {self.layers[0]}-{self.layers[-1]}, max rank {self.max_rank}{scale}",
-            style="dim",
-        )
-
-    def _header(self, label_width: int, cell_width: int) -> Text:
-        # Layer numbers every few columns, so the eye can find layer 17.
-        step = 5 if cell_width == 1 else 1  # tags that would touch a neighbour are skipped
-        header = [" "] * (len(self.layers) * cell_width)
-        for col, layer in enumerate(self.layers):
-            if layer % step == 0:
-                tag = str(layer)
-                end = (col + 1) * cell_width
-                start = max(0, end - len(tag))
-                if all(c == " " for c in header[max(0, start - 1) : end]):
-                    header[start:end] = list(tag)
-        return Text(" " * label_width + "".join(header).rstrip(), style="dim")
-
-    def _cell(self, rank: Optional[int], numbers: bool, digits: int) -> Text:
-        if rank is None:  # this module type is not adapted in this layer
-            return Text((" " * digits + "·") if numbers else "·", style="dim")
-        level = heat_level(rank, self.max_rank)
-        if numbers:
-            return Text(" ") + Text(f"{rank:>{digits}}", style=f"bold black on {HEAT_COLOURS[level]}")
-        return Text(HEAT_CHARS[level], style=HEAT_COLOURS[level])
+# Rank by module type, compact (inspect draws a fuller table)
 
 
 def type_bars(by_type: dict[str, int], bar_width: int = 16) -> Table:
@@ -245,7 +136,7 @@ class DashboardState:
         self.budget = e.budget
         self.ranks = dict(e.ranks)
         self.rank_total = sum(self.ranks.values())
-        self.next_update = first_update_after(e.start_step, e.first_update, e.update_every, e.total_steps)
+        self.next_update = e.next_update
 
     def _step_logged(self, e: StepLogged) -> None:
         self.step, self.total_steps, self.epoch = e.step, e.total_steps, e.epoch
@@ -271,18 +162,6 @@ class DashboardState:
         if done <= 0 or self.elapsed_s <= 0:
             return None
         return self.elapsed_s / done * max(0, self.total_steps - self.step)
-
-
-def first_update_after(start_step: int, first_update: int, update_every: int, total_steps: int) -> Optional[int]:
-    """The first reallocation step after `start_step`, or None when reallocation is off
-    or none is left (a resumed run may already be past `first_update`). Only a guess
-    until the first Reallocated event, which carries the loop's own `next_update`."""
-    if update_every <= 0:
-        return None
-    nxt = first_update
-    if start_step >= first_update:
-        nxt = first_update + ((start_step - first_update) // update_every + 1) * update_every
-    return nxt if nxt < total_steps else None  # nothing is reallocated at the last step
 
 
 # ----------------------------------------------------------------------------------------
@@ -444,9 +323,7 @@ def render_rank(state: DashboardState) -> Panel:
 
 
 def render_header(state: DashboardState) -> Text:
-    status = ""
-    if state.finished is not None:
-        status = "  [interrupted]" if state.finished.interrupted else "  [finished]"
+    status = "  [finished]" if state.finished is not None else ""
     return Text.assemble(
         ("l1ra-lite ", "bold"), (state.method, "bold magenta"), f"  {state.model}  ->  {state.output_dir}",
         (status, "bold yellow"),

@@ -19,14 +19,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from l1ra_lite.dashboard import RankHeatMap, rank_by_layer, rank_by_type, type_label
 from l1ra_lite.errors import UserError
+from l1ra_lite.module_paths import module_type
+from l1ra_lite.peft_adapter import ADAPTER_CONFIG, configured_rank, read_adapter_config, read_lora_ranks
+from l1ra_lite.ui.rank_views import RankHeatMap, rank_by_layer, rank_by_type, type_label
 
 RANKS_FILE = "ranks.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-A_SUFFIX = ".lora_A.weight"
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,51 +110,24 @@ def _summary_from_ranks_file(folder: Path) -> dict[str, Any]:
 
 
 def _summary_from_adapter(folder: Path) -> dict[str, Any]:
-    config = _read_json(folder / ADAPTER_CONFIG)
-    if not isinstance(config, dict):
-        raise UserError(f"{folder / ADAPTER_CONFIG} is not a valid adapter config: the top level must be an object")
+    config = read_adapter_config(folder)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise UserError(f"{folder} holds a {peft_type} adapter; inspect reads LoRA adapters")
-    ranks = read_adapter_ranks(folder / ADAPTER_WEIGHTS)
+    ranks = read_lora_ranks(folder)
     summary = build_summary("adapter", folder, sum(ranks.values()), ranks, [])
     summary["warnings"] = config_mismatches(config, ranks)
     return summary
 
 
-def read_adapter_ranks(file: Path) -> dict[str, int]:
-    """Module path -> rank, from the shapes of the lora_A tensors (r x in). Only the
-    header is read; no tensor data is loaded."""
-    from safetensors import SafetensorError, safe_open
-
-    if not file.is_file():
-        raise UserError(f"{file} is missing: an adapter folder needs its weights to show the ranks")
-    ranks: dict[str, int] = {}
-    try:
-        with safe_open(str(file), framework="numpy") as weights:
-            for key in weights.keys():
-                if key.endswith(A_SUFFIX):
-                    shape = weights.get_slice(key).get_shape()
-                    path = key[: -len(A_SUFFIX)]
-                    path = path[len(KEY_PREFIX):] if path.startswith(KEY_PREFIX) else path
-                    ranks[path] = int(shape[0])
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{file} is not a readable safetensors file: {err}") from None
-    if not ranks:
-        raise UserError(f"{file} has no '*{A_SUFFIX}' tensors: not a LoRA adapter")
-    return ranks
-
-
 def config_mismatches(config: dict[str, Any], ranks: dict[str, int]) -> list[str]:
     """Modules whose tensor rank differs from what adapter_config.json says (rank_pattern,
     else r). peft matches a rank_pattern key against the end of a module path."""
-    r = config.get("r")
-    pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict):
+    if not isinstance(config.get("rank_pattern") or {}, dict):
         return ["adapter_config.json: rank_pattern is not an object"]
     problems = []
     for path, rank in ranks.items():
-        expected = next((v for k, v in pattern.items() if path == k or path.endswith("." + k)), r)
+        expected = configured_rank(config, path)
         if expected is not None and expected != rank:
             problems.append(f"{path}: tensors have rank {rank}, adapter_config.json says {expected}")
     return problems
@@ -174,7 +145,7 @@ def build_summary(source: str, folder: Path, budget: int, ranks: dict[str, int],
         "by_type": rank_by_type(ranks),
         "by_layer": {("other" if k is None else str(k)): v for k, v in rank_by_layer(ranks).items()},
         "ranks": dict(ranks),
-        "initial": _totals(initial_ranks(ranks, history)),
+        "initial": _totals(ranks_before_history(ranks, history)),
         "history": [
             {
                 "step": h["step"],
@@ -188,7 +159,7 @@ def build_summary(source: str, folder: Path, budget: int, ranks: dict[str, int],
     }
 
 
-def initial_ranks(final: dict[str, int], history: list[dict[str, Any]]) -> dict[str, int]:
+def ranks_before_history(final: dict[str, int], history: list[dict[str, Any]]) -> dict[str, int]:
     """The ranks before the first reallocation: undo its pruning and adding."""
     if not history:
         return dict(final)
@@ -225,7 +196,7 @@ def render_summary(summary: dict[str, Any]) -> RenderableType:
 def _type_table(summary: dict[str, Any]) -> Table:
     counts: dict[str, int] = {}
     for path in summary["ranks"]:
-        mtype = path.rsplit(".", 1)[-1]
+        mtype = module_type(path)
         counts[mtype] = counts.get(mtype, 0) + 1
     largest = max(summary["by_type"].values(), default=0)
     table = Table(box=None, padding=(0, 1), header_style="dim")
