@@ -59,12 +59,30 @@ from bench import gpu_checks  # noqa: E402
 GIB = 1 << 30
 
 # Mistral-7B-v0.3's shape (the config bundled as l1ra_lite/model_configs/mistral-7b.json).
-MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768,
-                  rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512,
-            tie_word_embeddings=False)
+MISTRAL_7B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=32768,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 # The issue's setting for the side-by-side, and the fallback estimator settings when no
 # mistral-7b recipe is found: (name, seq_len, batch_size, budget).
@@ -121,15 +139,23 @@ def build_quantised_model(config, device: str, dtype, seed: int = 0):
     head = model.get_output_embeddings()
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module is not head:
-            replace_submodule(model, path, nf4_linear(module.in_features, module.out_features, device, dtype, std,
-                                                      generator, bias=module.bias is not None))
+            replace_submodule(
+                model,
+                path,
+                nf4_linear(
+                    module.in_features, module.out_features, device, dtype, std, generator, bias=module.bias is not None
+                ),
+            )
             continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":
                 continue
             if param.dim() == 1:  # norms' weights (and any bias): ones / zeros
-                value = torch.ones(param.shape, device=device, dtype=dtype) if "weight" in name else \
-                    torch.zeros(param.shape, device=device, dtype=dtype)
+                value = (
+                    torch.ones(param.shape, device=device, dtype=dtype)
+                    if "weight" in name
+                    else torch.zeros(param.shape, device=device, dtype=dtype)
+                )
             else:  # embeddings, head
                 value = torch.randn(param.shape, device=device, dtype=dtype, generator=generator) * std
             setattr(module, name, nn.Parameter(value, requires_grad=False))
@@ -147,11 +173,19 @@ def nf4_linear(in_features: int, out_features: int, device: str, dtype, std: flo
     import torch
 
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=generator) * std
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=dtype, compress_statistics=True,
-                              quant_type="nf4", device="meta")
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="meta",
+    )
     # .to(device) on an unquantised Params4bit quantises it (and frees the 16-bit copy).
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                     module=layer).to(device)
+    layer.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
+    ).to(device)
     if bias:
         layer.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
     return layer
@@ -191,14 +225,16 @@ def attach(method: str, model, budget: int, lr: float, seed: int) -> Attached:
         built = L1RAMethod.attach(model, paths, budget, alpha, 0.0, seed, lr, 0.0, eta_c=2e-2, l1_lambda=5e-3)
         params = [p for a in built.adapters.values() for p in (a.lora_A, a.lora_B, a.gate)]
         first = next(iter(built.adapters.values()))
-        return Attached(built.model, built.optimizer, params, built.adapters, built.rank_state, type(first).__name__,
-                        built)
+        return Attached(
+            built.model, built.optimizer, params, built.adapters, built.rank_state, type(first).__name__, built
+        )
     torch.manual_seed(seed)
     built = PeftLoRA.attach(model, paths, initial_ranks(budget, len(paths)), alpha, 0.0, lr, 0.0)
     params = [p for p in built.model.parameters() if p.requires_grad]
     layer = built.model.get_submodule("base_model.model." + paths[0])
-    return Attached(built.model, built.optimizer, params, None, None, f"{type(layer).__module__}.{type(layer).__name__}",
-                    built)
+    return Attached(
+        built.model, built.optimizer, params, None, None, f"{type(layer).__module__}.{type(layer).__name__}", built
+    )
 
 
 def state_tensors(attached: Attached) -> list:
@@ -247,11 +283,15 @@ def steer_and_reallocate(attached: Attached, step: int, generator) -> dict[str, 
                 adapter.gate[-1] = 0.0
     _sync()
     start = time.perf_counter()
-    record = reallocate(attached.adapters, attached.rank_state, step,
-                        attached.optimizer.prune_threshold, attached.optimizer, generator)
+    record = reallocate(
+        attached.adapters, attached.rank_state, step, attached.optimizer.prune_threshold, attached.optimizer, generator
+    )
     _sync()
-    return {"realloc_s": time.perf_counter() - start, "moved": sum(record.pruned.values()),
-            "rank_total": sum(record.ranks.values())}
+    return {
+        "realloc_s": time.perf_counter() - start,
+        "moved": sum(record.pruned.values()),
+        "rank_total": sum(record.ranks.values()),
+    }
 
 
 def shrink_memory(attached: Attached, step: int, cuda: bool, generator) -> dict[str, Any]:
@@ -269,16 +309,22 @@ def shrink_memory(attached: Attached, step: int, cuda: bool, generator) -> dict[
     adapters = attached.adapters
 
     def snapshot() -> dict[str, int]:
-        snap = {"state_bytes": sum(block_bytes(t) for t in state_tensors(attached)),
-                "rank_total": sum(a.rank for a in adapters.values())}
+        snap = {
+            "state_bytes": sum(block_bytes(t) for t in state_tensors(attached)),
+            "rank_total": sum(a.rank for a in adapters.values()),
+        }
         if cuda:
             torch.cuda.synchronize()
             snap.update(allocated_bytes=torch.cuda.memory_allocated(), reserved_bytes=torch.cuda.memory_reserved())
         return snap
 
     def phase(before: dict, after: dict, **extra) -> dict[str, Any]:
-        row = {"before": before, "after": after, "expected_drop_bytes": before["state_bytes"] - after["state_bytes"],
-               **extra}
+        row = {
+            "before": before,
+            "after": after,
+            "expected_drop_bytes": before["state_bytes"] - after["state_bytes"],
+            **extra,
+        }
         if cuda:
             row["allocated_drop_bytes"] = before["allocated_bytes"] - after["allocated_bytes"]
             row["reserved_drop_bytes"] = before["reserved_bytes"] - after["reserved_bytes"]
@@ -304,25 +350,36 @@ def shrink_memory(attached: Attached, step: int, cuda: bool, generator) -> dict[
                 adapter.gate.mul_(0.25)
     before = snapshot()
     start = time.perf_counter()
-    record = reallocate(adapters, attached.rank_state, step, attached.optimizer.prune_threshold,
-                        attached.optimizer, generator)
+    record = reallocate(
+        adapters, attached.rank_state, step, attached.optimizer.prune_threshold, attached.optimizer, generator
+    )
     realloc_s = time.perf_counter() - start
-    move = phase(before, snapshot(), realloc_s=realloc_s, moved=sum(record.pruned.values()),
-                 pruned_by_type=by_type(record.pruned), added_by_type=by_type(record.added))
+    move = phase(
+        before,
+        snapshot(),
+        realloc_s=realloc_s,
+        moved=sum(record.pruned.values()),
+        pruned_by_type=by_type(record.pruned),
+        added_by_type=by_type(record.added),
+    )
     before = snapshot()
     for adapter in adapters.values():
         resize_adapter(adapter, list(range((adapter.rank + 1) // 2)), 0, attached.optimizer)
     halve = phase(before, snapshot())
     result: dict[str, Any] = {"move": move, "halve": halve}
     if cuda:
-        checks = [r["expected_drop_bytes"] > 0 and r["allocated_drop_bytes"] >= 0.9 * r["expected_drop_bytes"]
-                  for r in (move, halve)]
+        checks = [
+            r["expected_drop_bytes"] > 0 and r["allocated_drop_bytes"] >= 0.9 * r["expected_drop_bytes"]
+            for r in (move, halve)
+        ]
         result["status"] = "ok" if all(checks) else "failed"
         result["expectation"] = "allocated bytes drop by at least 90% of the adapter state's drop"
     else:
         result["status"] = "skipped"
-        result["reason"] = ("allocated bytes are a CUDA figure (torch.cuda.memory_allocated); on the CPU the "
-                            "resizes ran and only the adapter state's own bytes are reported")
+        result["reason"] = (
+            "allocated bytes are a CUDA figure (torch.cuda.memory_allocated); on the CPU the "
+            "resizes ran and only the adapter state's own bytes are reported"
+        )
     return result
 
 
@@ -405,15 +462,20 @@ def measure(job: Job, shape: dict[str, Any], device: str) -> dict[str, Any]:
         try:
             result["realloc_memory"] = shrink_memory(attached, job.steps, cuda, realloc_gen)
         except Exception as err:  # the run's own figures stand without it
-            result["realloc_memory"] = {"status": "error", "error": f"{type(err).__name__}: {err}",
-                                        "traceback": traceback.format_exc().splitlines()[-8:]}
+            result["realloc_memory"] = {
+                "status": "error",
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc().splitlines()[-8:],
+            }
     return result
 
 
 # ---------------------------------------------------------------- estimator settings
 
 
-def recipe_settings(recipes_dirs: list[Path], wanted: Optional[list[str]] = None) -> list[tuple[str, int, int, Optional[int]]]:
+def recipe_settings(
+    recipes_dirs: list[Path], wanted: Optional[list[str]] = None
+) -> list[tuple[str, int, int, Optional[int]]]:
     """(name, seq_len, batch_size, budget) of two mistral-7b recipes: the ones named in
     `wanted`, else those for 12 GB and 24 GB cards, else the smallest and largest."""
     from l1ra_lite.config import read_recipe
@@ -428,12 +490,18 @@ def recipe_settings(recipes_dirs: list[Path], wanted: Optional[list[str]] = None
                 print(f"gpu bench: skipping {path}: {err}", file=sys.stderr)
                 continue
             if str(keys.get("model", "")).startswith("mistral-7b") and path.stem not in found:
-                found[path.stem] = (path.stem, int(keys.get("seq_len", 512)), int(keys.get("batch_size", 4)),
-                                    keys.get("budget"))
+                found[path.stem] = (
+                    path.stem,
+                    int(keys.get("seq_len", 512)),
+                    int(keys.get("batch_size", 4)),
+                    keys.get("budget"),
+                )
     if wanted:
         missing = [w for w in wanted if w not in found]
         if missing:
-            raise SystemExit(f"gpu bench: recipe(s) not found: {', '.join(missing)} (have: {', '.join(found) or 'none'})")
+            raise SystemExit(
+                f"gpu bench: recipe(s) not found: {', '.join(missing)} (have: {', '.join(found) or 'none'})"
+            )
         return [found[w] for w in wanted]
     by_card = [next((v for k, v in found.items() if card in k), None) for card in ("12gb", "24gb")]
     if all(by_card):
@@ -442,22 +510,38 @@ def recipe_settings(recipes_dirs: list[Path], wanted: Optional[list[str]] = None
     return [ordered[0], ordered[-1]] if len(ordered) >= 2 else ordered
 
 
-def estimate_row(name: str, shape: dict[str, Any], seq_len: int, batch_size: int, budget: Optional[int],
-                 measured: Optional[dict[str, Any]]) -> dict[str, Any]:
+def estimate_row(
+    name: str,
+    shape: dict[str, Any],
+    seq_len: int,
+    batch_size: int,
+    budget: Optional[int],
+    measured: Optional[dict[str, Any]],
+) -> dict[str, Any]:
     """The estimator's figures next to the measured ones, for one setting."""
     from l1ra_lite.estimate import estimate
 
     est = estimate(model_config(shape), budget=budget, seq_len=seq_len, batch_size=batch_size)
-    row = {"name": name, "seq_len": seq_len, "batch_size": batch_size, "budget": est.budget,
-           "estimate_allocated_bytes": est.allocated_bytes, "estimate_total_bytes": est.total_bytes,
-           "estimate_total_gib": round(est.total_gib, 3), "estimate_parts": dict(est.parts)}
+    row = {
+        "name": name,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "budget": est.budget,
+        "estimate_allocated_bytes": est.allocated_bytes,
+        "estimate_total_bytes": est.total_bytes,
+        "estimate_total_gib": round(est.total_gib, 3),
+        "estimate_parts": dict(est.parts),
+    }
     if measured and "peak_allocated_bytes" in measured:
         peak = measured["peak_allocated_bytes"]
         device_peak = measured["peak_reserved_bytes"] + measured["context_bytes"]
-        row.update(measured_peak_allocated_bytes=peak, measured_peak_reserved_bytes=measured["peak_reserved_bytes"],
-                   measured_device_peak_bytes=device_peak,
-                   allocated_over_estimate=peak / est.allocated_bytes,
-                   device_over_estimate_total=device_peak / est.total_bytes)
+        row.update(
+            measured_peak_allocated_bytes=peak,
+            measured_peak_reserved_bytes=measured["peak_reserved_bytes"],
+            measured_device_peak_bytes=device_peak,
+            allocated_over_estimate=peak / est.allocated_bytes,
+            device_over_estimate_total=device_peak / est.total_bytes,
+        )
         row["within_tolerance"] = abs(row["allocated_over_estimate"] - 1) <= ESTIMATE_TOLERANCE
     return row
 
@@ -469,29 +553,36 @@ def compare(l1ra: Optional[dict[str, Any]], lora: Optional[dict[str, Any]]) -> d
     """The issue's GPU targets: L1RA tokens/s >= peft QLoRA, peak VRAM <= peft QLoRA."""
     if not (l1ra and lora and "tokens_per_s" in l1ra and "tokens_per_s" in lora):
         return {}
-    out = {"tokens_per_s_l1ra_over_lora": l1ra["tokens_per_s"] / lora["tokens_per_s"],
-           "trainable_state_l1ra_over_lora": l1ra["trainable_state_bytes"] / lora["trainable_state_bytes"]}
+    out = {
+        "tokens_per_s_l1ra_over_lora": l1ra["tokens_per_s"] / lora["tokens_per_s"],
+        "trainable_state_l1ra_over_lora": l1ra["trainable_state_bytes"] / lora["trainable_state_bytes"],
+    }
     peak_key = "peak_allocated_bytes" if "peak_allocated_bytes" in l1ra else "peak_rss_bytes"
     out["peak_l1ra_over_lora"] = l1ra[peak_key] / lora[peak_key]
     if "peak_reserved_bytes" in l1ra:
         out["peak_reserved_l1ra_over_lora"] = l1ra["peak_reserved_bytes"] / lora["peak_reserved_bytes"]
-    out["targets"] = {"tokens_per_s_l1ra_over_lora >= 1": out["tokens_per_s_l1ra_over_lora"] >= 1.0,
-                      "peak_l1ra_over_lora <= 1": out["peak_l1ra_over_lora"] <= 1.0}
+    out["targets"] = {
+        "tokens_per_s_l1ra_over_lora >= 1": out["tokens_per_s_l1ra_over_lora"] >= 1.0,
+        "peak_l1ra_over_lora <= 1": out["peak_l1ra_over_lora"] <= 1.0,
+    }
     return out
 
 
 def plan_jobs(tiny: bool, settings: list[tuple[str, int, int, Optional[int]]], steps: int) -> list[Job]:
     seq, batch, budget = MAIN["tiny" if tiny else "real"]
-    jobs = [Job("l1ra", "l1ra", seq, batch, budget, steps, realloc_at=steps // 2, shrink_check=True),
-            Job("lora", "lora", seq, batch, budget, steps, realloc_at=0)]
+    jobs = [
+        Job("l1ra", "l1ra", seq, batch, budget, steps, realloc_at=steps // 2, shrink_check=True),
+        Job("lora", "lora", seq, batch, budget, steps, realloc_at=0),
+    ]
     for name, s, b, bud in settings:
         n_adapters = 7 * (TINY if tiny else MISTRAL_7B)["num_hidden_layers"]
         jobs.append(Job(f"estimate-{name}", "l1ra", s, b, bud or 8 * n_adapters, 4, realloc_at=2))
     return jobs
 
 
-def summarise(results: dict[str, dict[str, Any]], shape: dict[str, Any],
-              settings: list[tuple[str, int, int, Optional[int]]]) -> dict[str, Any]:
+def summarise(
+    results: dict[str, dict[str, Any]], shape: dict[str, Any], settings: list[tuple[str, int, int, Optional[int]]]
+) -> dict[str, Any]:
     rows = []
     main = results.get("l1ra")
     if main and "tokens_per_s" in main:
@@ -499,8 +590,7 @@ def summarise(results: dict[str, dict[str, Any]], shape: dict[str, Any],
         rows.append(estimate_row("main", shape, j["seq_len"], j["batch_size"], j["budget"], main))
     for name, s, b, bud in settings:
         measured = results.get(f"estimate-{name}")
-        rows.append(estimate_row(name, shape, s, b, bud, measured if measured and "tokens_per_s" in measured
-                                 else None))
+        rows.append(estimate_row(name, shape, s, b, bud, measured if measured and "tokens_per_s" in measured else None))
     return {"side_by_side": compare(results.get("l1ra"), results.get("lora")), "estimator": rows}
 
 
@@ -556,20 +646,35 @@ class Part:
     job: Optional[Job] = None  # model runs: what they measure
 
 
-def run_child(ctx: Context, kind: str, payload: Any, label: str, timeout: float,
-              env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def run_child(
+    ctx: Context, kind: str, payload: Any, label: str, timeout: float, env: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
     """`kind` measured in a child process; its figures, or its error and last output lines."""
     out = ctx.workdir / f"{label}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--payload", json.dumps(payload),
-           "--child-out", str(out), "--device", ctx.device] + (["--tiny"] if ctx.tiny else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        kind,
+        "--payload",
+        json.dumps(payload),
+        "--child-out",
+        str(out),
+        "--device",
+        ctx.device,
+    ] + (["--tiny"] if ctx.tiny else [])
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ctx.child_env())
     except subprocess.TimeoutExpired as err:  # its output so far comes as bytes, whatever text= says
-        tail = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                       for x in (err.stdout, err.stderr))
-        return {"status": "error", "error": f"timed out after {timeout:.0f} s",
-                "output_tail": tail.strip().splitlines()[-15:]}
+        tail = "".join(
+            x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (err.stdout, err.stderr)
+        )
+        return {
+            "status": "error",
+            "error": f"timed out after {timeout:.0f} s",
+            "output_tail": tail.strip().splitlines()[-15:],
+        }
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.is_file():
         lines = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -581,9 +686,13 @@ def run_child(ctx: Context, kind: str, payload: Any, label: str, timeout: float,
 
 def model_run_part(job: Job, shape: dict[str, Any]) -> Callable[[Context, float], dict]:
     def run(ctx: Context, timeout: float) -> dict[str, Any]:
-        print(f"gpu bench: {job.name} ({job.method}, seq {job.seq_len} x batch {job.batch_size}, "
-              f"budget {job.budget})", file=sys.stderr, flush=True)
+        print(
+            f"gpu bench: {job.name} ({job.method}, seq {job.seq_len} x batch {job.batch_size}, budget {job.budget})",
+            file=sys.stderr,
+            flush=True,
+        )
         return run_child(ctx, "model", asdict(job), job.name, timeout)
+
     return run
 
 
@@ -591,14 +700,17 @@ def child_part(kind: str, payload: Callable[[Context], Any], env: Callable[[Cont
     def run(ctx: Context, timeout: float) -> dict[str, Any]:
         print(f"gpu bench: {kind}", file=sys.stderr, flush=True)
         return run_child(ctx, kind, payload(ctx), kind, timeout, ctx.child_env(**env(ctx)))
+
     return run
 
 
 def oom_part(name: str):
     def run(ctx: Context, timeout: float) -> dict[str, Any]:
         print(f"gpu bench: {name} (python -m l1ra_lite finetune, memory squeezed)", file=sys.stderr, flush=True)
-        return gpu_checks.oom_check(name, ctx.fixture(), ctx.workdir, timeout, ctx.child_env(), ctx.tiny,
-                                    simulate=ctx.simulate_oom)
+        return gpu_checks.oom_check(
+            name, ctx.fixture(), ctx.workdir, timeout, ctx.child_env(), ctx.tiny, simulate=ctx.simulate_oom
+        )
+
     return run
 
 
@@ -607,8 +719,9 @@ def pytest_part(ctx: Context, timeout: float) -> dict[str, Any]:
     return gpu_checks.pytest_cuda_check(ctx.workdir, timeout, ctx.child_env())
 
 
-def plan_parts(tiny: bool, settings: list[tuple[str, int, int, Optional[int]]], steps: int,
-               simulate_oom: bool = False) -> list[Part]:
+def plan_parts(
+    tiny: bool, settings: list[tuple[str, int, int, Optional[int]]], steps: int, simulate_oom: bool = False
+) -> list[Part]:
     """Every part, in the order they run: cheap and most wanted first, so that a run that
     meets its deadline loses the least."""
     mode = "tiny" if tiny else "real"
@@ -621,6 +734,7 @@ def plan_parts(tiny: bool, settings: list[tuple[str, int, int, Optional[int]]], 
             if settings_key:
                 p["settings"] = gpu_checks.TRAIN[mode]
             return p
+
         return payload
 
     oom_cuda = None if simulate_oom else "torch.cuda.set_per_process_memory_fraction"
@@ -629,19 +743,41 @@ def plan_parts(tiny: bool, settings: list[tuple[str, int, int, Optional[int]]], 
         Part("layer", "checks", child_part("layer", lambda ctx: gpu_checks.LAYER[mode]), min_s=15, max_s=120),
         Part("l1ra", "runs", model_run_part(jobs["l1ra"], shape), min_s=30, max_s=150, job=jobs.pop("l1ra")),
         Part("lora", "runs", model_run_part(jobs["lora"], shape), min_s=30, max_s=150, job=jobs.pop("lora")),
-        Part("train_resume", "checks",
-             child_part("train_resume", with_fixture("train"),
-                        # cuBLAS repeats a result bit for bit only with a fixed workspace
-                        env=lambda ctx: {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if ctx.cuda else {}),
-             min_s=30, max_s=180),
+        Part(
+            "train_resume",
+            "checks",
+            child_part(
+                "train_resume",
+                with_fixture("train"),
+                # cuBLAS repeats a result bit for bit only with a fixed workspace
+                env=lambda ctx: {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if ctx.cuda else {},
+            ),
+            min_s=30,
+            max_s=180,
+        ),
         Part("oom_step", "checks", oom_part("oom_step"), cuda_only=oom_cuda, min_s=20, max_s=120),
         Part("oom_eval", "checks", oom_part("oom_eval"), cuda_only=oom_cuda, min_s=20, max_s=120),
-        Part("sync", "checks", child_part("sync", with_fixture()), cuda_only="torch.cuda.set_sync_debug_mode",
-             min_s=20, max_s=120),
+        Part(
+            "sync",
+            "checks",
+            child_part("sync", with_fixture()),
+            cuda_only="torch.cuda.set_sync_debug_mode",
+            min_s=20,
+            max_s=120,
+        ),
     ]
     for name, job in jobs.items():  # the estimator settings
-        parts.append(Part(name, "runs", model_run_part(job, shape), min_s=30, max_s=150, job=job,
-                          cuda_only="the estimate is of CUDA memory (torch.cuda.max_memory_allocated)"))
+        parts.append(
+            Part(
+                name,
+                "runs",
+                model_run_part(job, shape),
+                min_s=30,
+                max_s=150,
+                job=job,
+                cuda_only="the estimate is of CUDA memory (torch.cuda.max_memory_allocated)",
+            )
+        )
     return parts
 
 
@@ -657,8 +793,12 @@ def run_part(part: Part, ctx: Context, left: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired as err:
         return {"status": "error", "error": f"timed out after {err.timeout:.0f} s"}
     except Exception as err:  # one part's failure must not cost the others
-        return {"status": "error", "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc().splitlines()[-8:], "wall_s": time.perf_counter() - start}
+        return {
+            "status": "error",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc().splitlines()[-8:],
+            "wall_s": time.perf_counter() - start,
+        }
 
 
 def record(doc: dict[str, Any], part: Part, entry: dict[str, Any]) -> None:
@@ -680,7 +820,8 @@ def record(doc: dict[str, Any], part: Part, entry: dict[str, Any]) -> None:
     if part.job is not None and part.job.shrink_check:  # the realloc_memory check rides on this run
         memory = entry.pop("realloc_memory", None) or {
             "status": status if status in ("skipped", "not_run") else "error",
-            "reason": f"part of the {part.name} run, which did not complete"}
+            "reason": f"part of the {part.name} run, which did not complete",
+        }
         doc["checks"]["realloc_memory"] = memory
         doc["status"]["realloc_memory"] = memory["status"]
 
@@ -692,8 +833,17 @@ def overall_ok(doc: dict[str, Any]) -> bool:
     return not any(s in bad for s in doc["status"].values())
 
 
-def run_all(parts: list[Part], ctx: Context, doc: dict[str, Any], deadline: float, out: Optional[Path],
-            started: float, shape: dict[str, Any], settings, jobs: int = 1) -> None:
+def run_all(
+    parts: list[Part],
+    ctx: Context,
+    doc: dict[str, Any],
+    deadline: float,
+    out: Optional[Path],
+    started: float,
+    shape: dict[str, Any],
+    settings,
+    jobs: int = 1,
+) -> None:
     """Run the parts (one at a time unless `jobs` > 1), recording each as it ends."""
     order = {part.name: i for i, part in enumerate(parts)}
 
@@ -703,7 +853,7 @@ def run_all(parts: list[Part], ctx: Context, doc: dict[str, Any], deadline: floa
     def finish(part: Part, entry: dict[str, Any]) -> None:
         record(doc, part, entry)
         # The plan's order, whatever the order they ended in (realloc_memory follows l1ra).
-        doc["status"] = dict(sorted(doc["status"].items(), key=lambda kv: order.get(kv[0], order.get("l1ra", 0) + .5)))
+        doc["status"] = dict(sorted(doc["status"].items(), key=lambda kv: order.get(kv[0], order.get("l1ra", 0) + 0.5)))
         doc["summary"] = summarise(doc["runs"], shape, settings)
         if "targets" in doc["checks"].get("layer", {}):
             doc["summary"]["layer"] = doc["checks"]["layer"]["targets"]
@@ -748,14 +898,16 @@ def print_summary(doc: dict[str, Any]) -> None:
         return "-" if r.get(key) is None else fmt(r[key])
 
     gib = lambda v: f"{v / GIB:.2f} GiB"  # noqa: E731
-    for label, key, fmt in (("median step", "median_step_s", lambda v: f"{v:.3f} s"),
-                            ("tokens/s", "tokens_per_s", lambda v: f"{v:,.0f}"),
-                            ("peak allocated", "peak_allocated_bytes", gib),
-                            ("peak reserved", "peak_reserved_bytes", gib),
-                            ("peak RSS (CPU)", "peak_rss_bytes", gib),
-                            ("trainable state", "trainable_state_bytes", lambda v: f"{v / 2**20:.1f} MiB"),
-                            ("one reallocation / step", "realloc_over_step", lambda v: f"{v:.3f}"),
-                            ("adapted layer", "layer_type", str)):
+    for label, key, fmt in (
+        ("median step", "median_step_s", lambda v: f"{v:.3f} s"),
+        ("tokens/s", "tokens_per_s", lambda v: f"{v:,.0f}"),
+        ("peak allocated", "peak_allocated_bytes", gib),
+        ("peak reserved", "peak_reserved_bytes", gib),
+        ("peak RSS (CPU)", "peak_rss_bytes", gib),
+        ("trainable state", "trainable_state_bytes", lambda v: f"{v / 2**20:.1f} MiB"),
+        ("one reallocation / step", "realloc_over_step", lambda v: f"{v:.3f}"),
+        ("adapted layer", "layer_type", str),
+    ):
         t.add_row(label, cell("l1ra", key, fmt), cell("lora", key, fmt))
     console.print(t)
     side = dict(doc["summary"]["side_by_side"])
@@ -765,15 +917,29 @@ def print_summary(doc: dict[str, Any]) -> None:
     for target, met in targets.items():
         console.print(f"  target {target}: {'[green]ok[/]' if met else '[red]MISSED[/]'}")
     e = Table(title="peak memory (GiB): measured vs l1ra_lite.estimate")
-    for col in ("setting", "seq x batch", "budget", "measured alloc", "estimate alloc", "ratio",
-                "measured device", "estimate total"):
+    for col in (
+        "setting",
+        "seq x batch",
+        "budget",
+        "measured alloc",
+        "estimate alloc",
+        "ratio",
+        "measured device",
+        "estimate total",
+    ):
         e.add_column(col, justify="right")
     for row in doc["summary"]["estimator"]:
-        g = lambda k: f"{row[k] / GIB:.3f}" if k in row else "-"  # noqa: E731
-        e.add_row(row["name"], f"{row['seq_len']} x {row['batch_size']}", str(row["budget"]),
-                  g("measured_peak_allocated_bytes"), g("estimate_allocated_bytes"),
-                  f"{row['allocated_over_estimate']:.2f}" if "allocated_over_estimate" in row else "-",
-                  g("measured_device_peak_bytes"), g("estimate_total_bytes"))
+        g = lambda k, row=row: f"{row[k] / GIB:.3f}" if k in row else "-"  # noqa: E731
+        e.add_row(
+            row["name"],
+            f"{row['seq_len']} x {row['batch_size']}",
+            str(row["budget"]),
+            g("measured_peak_allocated_bytes"),
+            g("estimate_allocated_bytes"),
+            f"{row['allocated_over_estimate']:.2f}" if "allocated_over_estimate" in row else "-",
+            g("measured_device_peak_bytes"),
+            g("estimate_total_bytes"),
+        )
     console.print(e)
     c = Table(title="checks")
     for col in ("part", "status", "figures / reason"):
@@ -785,8 +951,9 @@ def print_summary(doc: dict[str, Any]) -> None:
     console.print(c)
     for name, r in list(runs.items()) + list(doc["checks"].items()):
         if r and "error" in r:
-            console.print(f"[red]{name}: {r['error']}[/]\n" + "\n".join(r.get("output_tail") or r.get("traceback")
-                                                                       or []))
+            console.print(
+                f"[red]{name}: {r['error']}[/]\n" + "\n".join(r.get("output_tail") or r.get("traceback") or [])
+            )
 
 
 def check_line(name: str, e: dict[str, Any]) -> str:
@@ -803,25 +970,33 @@ def check_line(name: str, e: dict[str, Any]) -> str:
         if name == "layer":
             t = e["targets"]
             times = ", ".join(f"{k}: {v['time_l1ra_over_lora']:.2f}x" for k, v in e["shapes"].items())
-            return (f"time l1ra/lora {times}; fp32 activation copies l1ra {t['l1ra_activation_fp32_copies']}, "
-                    f"lora {t['lora_activation_fp32_copies']}")
+            return (
+                f"time l1ra/lora {times}; fp32 activation copies l1ra {t['l1ra_activation_fp32_copies']}, "
+                f"lora {t['lora_activation_fp32_copies']}"
+            )
         if name == "realloc_memory":
             m, h = e["move"], e["halve"]
             if "allocated_drop_bytes" in m:
-                return (f"move: -{m['allocated_drop_bytes'] / 2**20:.1f} MiB (expected "
-                        f"{m['expected_drop_bytes'] / 2**20:.1f}); halve: -{h['allocated_drop_bytes'] / 2**20:.1f} "
-                        f"MiB (expected {h['expected_drop_bytes'] / 2**20:.1f})")
+                return (
+                    f"move: -{m['allocated_drop_bytes'] / 2**20:.1f} MiB (expected "
+                    f"{m['expected_drop_bytes'] / 2**20:.1f}); halve: -{h['allocated_drop_bytes'] / 2**20:.1f} "
+                    f"MiB (expected {h['expected_drop_bytes'] / 2**20:.1f})"
+                )
             return f"{e.get('reason', '')}"
         if name == "train_resume":
             r = e["resume"]
-            return (f"resumed equal: {r['equal']} (max diff {r['adapter_max_abs_diff']:.3g}); eval "
-                    f"{e['straight']['eval_loss']}; ranks moved {e['straight']['ranks_moved']}")
+            return (
+                f"resumed equal: {r['equal']} (max diff {r['adapter_max_abs_diff']:.3g}); eval "
+                f"{e['straight']['eval_loss']}; ranks moved {e['straight']['ranks_moved']}"
+            )
         if name.startswith("oom_"):
             problems = "; ".join(e["problems"]) or "exit 2, one error line, checkpoint intact"
             return f"{problems} (checkpoint {e['checkpoint'].get('latest')})"
         if name == "sync":
-            return (f"median {e['median_per_step']} syncs a step ({e['micro_batches_per_step']} micro-batches); "
-                    f"top: {', '.join(x['where'] for x in e['top_locations'][:3])}")
+            return (
+                f"median {e['median_per_step']} syncs a step ({e['micro_batches_per_step']} micro-batches); "
+                f"top: {', '.join(x['where'] for x in e['top_locations'][:3])}"
+            )
         if "tokens_per_s" in e:
             return f"{e['tokens_per_s']:,.0f} tokens/s"
     except (KeyError, TypeError):
@@ -854,22 +1029,37 @@ CHILDREN = {
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="The GPU check: L1RA vs stock peft QLoRA, the estimator, and the "
-                                            "GPU-only checks (see bench/README.md)")
+    p = argparse.ArgumentParser(
+        description="The GPU check: L1RA vs stock peft QLoRA, the estimator, and the "
+        "GPU-only checks (see bench/README.md)"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU is fine): checks the code path")
     p.add_argument("--device", help="cuda (default when present) or cpu")
     p.add_argument("--steps", type=int, default=8, help="optimiser steps of the l1ra / lora runs (default 8)")
-    p.add_argument("--recipes", help="comma-separated recipe names for the estimator comparison "
-                                     "(default: the mistral-7b recipes for 12 GB and 24 GB cards)")
-    p.add_argument("--parts", help="comma-separated parts to run (default: all): pytest_cuda, layer, l1ra, lora, "
-                                   "train_resume, oom_step, oom_eval, sync, estimate-<recipe>")
+    p.add_argument(
+        "--recipes",
+        help="comma-separated recipe names for the estimator comparison "
+        "(default: the mistral-7b recipes for 12 GB and 24 GB cards)",
+    )
+    p.add_argument(
+        "--parts",
+        help="comma-separated parts to run (default: all): pytest_cuda, layer, l1ra, lora, "
+        "train_resume, oom_step, oom_eval, sync, estimate-<recipe>",
+    )
     p.add_argument("--out", help="the results file (default: $OUT/gpu_results.json, else bench/gpu_results.json)")
-    p.add_argument("--deadline", type=float,
-                   help=f"seconds for the whole run (default {DEFAULT_DEADLINE['real']:.0f}; --tiny: "
-                        f"{DEFAULT_DEADLINE['tiny']:.0f}, for slow shared CPUs)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="parts run at once (default 1; more only for --tiny code-path checks: timings and "
-                        "memory figures then disturb each other)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help=f"seconds for the whole run (default {DEFAULT_DEADLINE['real']:.0f}; --tiny: "
+        f"{DEFAULT_DEADLINE['tiny']:.0f}, for slow shared CPUs)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="parts run at once (default 1; more only for --tiny code-path checks: timings and "
+        "memory figures then disturb each other)",
+    )
     p.add_argument("--simulate-oom", action="store_true", help=argparse.SUPPRESS)  # CPU: OOM parts with a raised error
     p.add_argument("--child", help=argparse.SUPPRESS)  # a part to measure in this process
     p.add_argument("--payload", help=argparse.SUPPRESS)
@@ -887,8 +1077,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     started = time.perf_counter()
     deadline = args.deadline or DEFAULT_DEADLINE["tiny" if args.tiny else "real"]
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_results.json" if os.environ.get("OUT")
-                                           else REPO_ROOT / "bench" / "gpu_results.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            Path(os.environ["OUT"]) / "gpu_results.json"
+            if os.environ.get("OUT")
+            else REPO_ROOT / "bench" / "gpu_results.json"
+        )
+    )
     from l1ra_lite.config import RECIPES_DIR
 
     wanted = [r.strip() for r in args.recipes.split(",")] if args.recipes else None
@@ -900,14 +1097,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         chosen = [x.strip() for x in args.parts.split(",") if x.strip()]
         unknown = sorted(set(chosen) - {part.name for part in parts})
         if unknown:
-            raise SystemExit(f"gpu bench: unknown part(s) {', '.join(unknown)}; the parts are "
-                             f"{', '.join(part.name for part in parts)}")
+            raise SystemExit(
+                f"gpu bench: unknown part(s) {', '.join(unknown)}; the parts are "
+                f"{', '.join(part.name for part in parts)}"
+            )
         parts = [part for part in parts if part.name in chosen]
-    doc: dict[str, Any] = {"shape_name": "tiny" if args.tiny else "mistral-7b", "shape": shape, "device": device,
-                           "torch": torch.__version__, "versions": package_versions(),
-                           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "jobs": args.jobs,
-                           "deadline_s": deadline, "parts": [part.name for part in parts],
-                           "estimator_settings_from": source, "status": {}, "runs": {}, "checks": {}}
+    doc: dict[str, Any] = {
+        "shape_name": "tiny" if args.tiny else "mistral-7b",
+        "shape": shape,
+        "device": device,
+        "torch": torch.__version__,
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "jobs": args.jobs,
+        "deadline_s": deadline,
+        "parts": [part.name for part in parts],
+        "estimator_settings_from": source,
+        "status": {},
+        "runs": {},
+        "checks": {},
+    }
     print(f"gpu bench: {device}, " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="l1ra-gpu-bench-") as workdir:
         ctx = Context(args.tiny, device, Path(workdir), simulate_oom=args.simulate_oom)

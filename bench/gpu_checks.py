@@ -23,7 +23,6 @@ Every check returns a dict with "status": "ok" (measured; for pass/fail checks: 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -50,29 +49,61 @@ LAYER = {
 # The small Llama folder of the train / sync / OOM checks: Llama-3's vocabulary (the head
 # and the loss at 128256 entries), a few narrow layers, random weights.
 SMALL_LLAMA = {
-    "real": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=128256, max_position_embeddings=1024,
-                 rope_theta=500000.0, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=128256, max_position_embeddings=256,
-                 tie_word_embeddings=False),
+    "real": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
 }
 # Answers of about a hundred tokens: the loss then computes the head over 128256 entries
 # for a few hundred labelled positions a step (and its chunks need new memory blocks,
 # which is where the OOM checks' squeeze bites).
 FILLER = "Adding a number to itself doubles it, so the answer is twice the number asked about. " * 2
-ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}. {FILLER.strip()}"}
-        for i in range(64)]
+ROWS = [
+    {"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}. {FILLER.strip()}"}
+    for i in range(64)
+]
 
 # FinetuneConfig values of the train_resume check. A strong L1 penalty (as the tests use)
 # so that rank moves between the stop and the end: the resume must carry it exactly.
-TRAIN_COMMON = dict(quant="nf4", warmup=1, lr=5e-3, l1_lambda=6.0, eta_c=0.05, seed=7, eval_fraction=0.1,
-                    eval_max_rows=8, keep_checkpoints=2, log_every=1, plain=True)
+TRAIN_COMMON = dict(
+    quant="nf4",
+    warmup=1,
+    lr=5e-3,
+    l1_lambda=6.0,
+    eta_c=0.05,
+    seed=7,
+    eval_fraction=0.1,
+    eval_max_rows=8,
+    keep_checkpoints=2,
+    log_every=1,
+    plain=True,
+)
 TRAIN = {
-    "real": dict(seq_len=128, batch_size=4, grad_accum=2, max_steps=8, stop_at=4, eval_every=4, save_every=4,
-                 update_every=2),
-    "tiny": dict(seq_len=64, batch_size=2, grad_accum=1, max_steps=6, stop_at=3, eval_every=3, save_every=3,
-                 update_every=2),
+    "real": dict(
+        seq_len=128, batch_size=4, grad_accum=2, max_steps=8, stop_at=4, eval_every=4, save_every=4, update_every=2
+    ),
+    "tiny": dict(
+        seq_len=64, batch_size=2, grad_accum=1, max_steps=6, stop_at=3, eval_every=3, save_every=3, update_every=2
+    ),
 }
 SYNC = dict(seq_len=128, batch_size=4, grad_accum=2, max_steps=6, update_every=3, eval_every=0, save_every=0)
 RANKS_PER_ADAPTER = 4
@@ -101,8 +132,12 @@ def build_small_llama(folder: Path, tiny: bool) -> dict[str, Any]:
     start = time.perf_counter()
     shape = SMALL_LLAMA["tiny" if tiny else "real"]
     tokenizer = build_tokenizer()
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model_dir = Path(folder) / "small-llama"
@@ -111,9 +146,15 @@ def build_small_llama(folder: Path, tiny: bool) -> dict[str, Any]:
     data = Path(folder) / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     n_adapters = 7 * shape["num_hidden_layers"]
-    return {"model": str(model_dir), "data": str(data), "shape": shape, "n_adapters": n_adapters,
-            "budget": RANKS_PER_ADAPTER * n_adapters, "parameters": sum(p.numel() for p in model.parameters()),
-            "build_s": time.perf_counter() - start}
+    return {
+        "model": str(model_dir),
+        "data": str(data),
+        "shape": shape,
+        "n_adapters": n_adapters,
+        "budget": RANKS_PER_ADAPTER * n_adapters,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_s": time.perf_counter() - start,
+    }
 
 
 # ---------------------------------------------------------------- dtype casts
@@ -143,11 +184,25 @@ class CastCounter:
                 out = func(*args, **(kwargs or {}))
                 seen["ops"] += 1
                 if func is torch.ops.aten._to_copy.default and torch.is_tensor(out) and out.dtype != args[0].dtype:
-                    records.append(("_to_copy", str(args[0].dtype), str(out.dtype), tuple(out.shape),
-                                    out.numel() * out.element_size()))
+                    records.append(
+                        (
+                            "_to_copy",
+                            str(args[0].dtype),
+                            str(out.dtype),
+                            tuple(out.shape),
+                            out.numel() * out.element_size(),
+                        )
+                    )
                 elif func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype:
-                    records.append(("copy_", str(args[1].dtype), str(args[0].dtype), tuple(args[0].shape),
-                                    args[0].numel() * args[0].element_size()))
+                    records.append(
+                        (
+                            "copy_",
+                            str(args[1].dtype),
+                            str(args[0].dtype),
+                            tuple(args[0].shape),
+                            args[0].numel() * args[0].element_size(),
+                        )
+                    )
                 return out
 
         self.mode = Mode()
@@ -172,8 +227,10 @@ def summarise_casts(records: list[tuple], tokens: int, ops: int) -> dict[str, An
         "activation_casts": len(activation),
         "activation_cast_bytes": sum(r[4] for r in activation),
         "activation_to_fp32": sum(1 for r in activation if r[2] == "torch.float32"),
-        "list": [{"op": op, "from": src.removeprefix("torch."), "to": dst.removeprefix("torch."), "shape": shape,
-                  "count": n} for (op, src, dst, shape), n in grouped.items()],
+        "list": [
+            {"op": op, "from": src.removeprefix("torch."), "to": dst.removeprefix("torch."), "shape": shape, "count": n}
+            for (op, src, dst, shape), n in grouped.items()
+        ],
     }
 
 
@@ -237,8 +294,10 @@ def measure_layer(layer, x, grad, device: str, warmup: int, iters: int, tokens: 
     with CastCounter() as bwd:
         torch.autograd.backward(y, g)
     out["output_dtype"] = str(y.dtype).removeprefix("torch.")
-    out["casts"] = {"forward": summarise_casts(fwd.records, tokens, fwd.seen["ops"]),
-                    "backward": summarise_casts(bwd.records, tokens, bwd.seen["ops"])}
+    out["casts"] = {
+        "forward": summarise_casts(fwd.records, tokens, fwd.seen["ops"]),
+        "backward": summarise_casts(bwd.records, tokens, bwd.seen["ops"]),
+    }
     clear()
     return out
 
@@ -253,9 +312,15 @@ def layer_check(settings: dict[str, Any], device: str) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     tokens, rank = settings["tokens"], settings["rank"]
     generator = torch.Generator(device).manual_seed(0)
-    result: dict[str, Any] = {"status": "ok", "tokens": tokens, "rank": rank, "autocast": "bfloat16",
-                              "base": "bitsandbytes Linear4bit, NF4, double quantisation, bf16 compute",
-                              "device": torch.cuda.get_device_name(0) if cuda else "cpu", "shapes": {}}
+    result: dict[str, Any] = {
+        "status": "ok",
+        "tokens": tokens,
+        "rank": rank,
+        "autocast": "bfloat16",
+        "base": "bitsandbytes Linear4bit, NF4, double quantisation, bf16 compute",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "shapes": {},
+    }
     if not cuda:
         result["memory_note"] = "peak and held bytes are CUDA figures (torch.cuda.max_memory_allocated)"
     for in_f, out_f in settings["shapes"]:
@@ -268,11 +333,13 @@ def layer_check(settings: dict[str, Any], device: str) -> dict[str, Any]:
         holder = torch.nn.Module()
         holder.proj = base
         holder.is_loaded_in_4bit = True
-        peft_model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
-                                                       target_modules=["proj"]))
+        peft_model = get_peft_model(
+            holder, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=["proj"])
+        )
         lora = peft_model.get_submodule("base_model.model.proj")
-        row: dict[str, Any] = {"layer_types": {"l1ra": type(l1ra).__name__,
-                                               "lora": f"{type(lora).__module__}.{type(lora).__name__}"}}
+        row: dict[str, Any] = {
+            "layer_types": {"l1ra": type(l1ra).__name__, "lora": f"{type(lora).__module__}.{type(lora).__name__}"}
+        }
         for name, layer in (("l1ra", l1ra), ("lora", lora)):
             row[name] = measure_layer(layer, x, grad, device, settings["warmup"], settings["iters"], tokens)
         row["time_l1ra_over_lora"] = row["l1ra"]["median_s"] / row["lora"]["median_s"]
@@ -303,8 +370,8 @@ def layer_targets(shapes: dict[str, Any]) -> dict[str, Any]:
         "l1ra_activation_cast_bytes": total("l1ra", "activation_cast_bytes"),
         "lora_activation_cast_bytes": total("lora", "activation_cast_bytes"),
         "l1ra makes no fp32 copy of the activations": fp32 == 0,
-        "l1ra casts no more activation bytes than lora":
-            total("l1ra", "activation_cast_bytes") <= total("lora", "activation_cast_bytes"),
+        "l1ra casts no more activation bytes than lora": total("l1ra", "activation_cast_bytes")
+        <= total("lora", "activation_cast_bytes"),
     }
 
 
@@ -315,8 +382,9 @@ def finetune_config(fixture: dict[str, Any], values: dict[str, Any]):
     from l1ra_lite.config import FinetuneConfig
 
     values = {k: v for k, v in values.items() if k != "stop_at"}
-    return FinetuneConfig(model=fixture["model"], data=fixture["data"], budget=fixture["budget"],
-                          **{**TRAIN_COMMON, **values})
+    return FinetuneConfig(
+        model=fixture["model"], data=fixture["data"], budget=fixture["budget"], **{**TRAIN_COMMON, **values}
+    )
 
 
 def compare_runs(a: Path, b: Path) -> dict[str, Any]:
@@ -327,8 +395,10 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     ta = load_file(str(a / "adapter" / "adapter_model.safetensors"))
     tb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
     same_keys = ta.keys() == tb.keys()
-    diff = max(((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if k in tb and
-                ta[k].shape == tb[k].shape), default=0.0)
+    diff = max(
+        ((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if k in tb and ta[k].shape == tb[k].shape),
+        default=0.0,
+    )
     shapes_equal = same_keys and all(ta[k].shape == tb[k].shape for k in ta)
     tensors_equal = shapes_equal and all(torch.equal(ta[k], tb[k]) for k in ta)
     ranks_equal = json.loads((a / "ranks.json").read_text()) == json.loads((b / "ranks.json").read_text())
@@ -338,9 +408,14 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
         return [(m["step"], m.get("loss"), m.get("eval_loss")) for m in lines]
 
     la, lb = losses(a), losses(b)
-    return {"equal": tensors_equal and ranks_equal and la == lb, "adapter_tensors_equal": tensors_equal,
-            "adapter_shapes_equal": shapes_equal, "adapter_max_abs_diff": diff, "ranks_equal": ranks_equal,
-            "losses_equal": la == lb}
+    return {
+        "equal": tensors_equal and ranks_equal and la == lb,
+        "adapter_tensors_equal": tensors_equal,
+        "adapter_shapes_equal": shapes_equal,
+        "adapter_max_abs_diff": diff,
+        "ranks_equal": ranks_equal,
+        "losses_equal": la == lb,
+    }
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -348,12 +423,16 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     ranks = json.loads((run_dir / "ranks.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     step_times = [m["step_s"] for m in lines if "step_s" in m]
-    return {"steps": [m["step"] for m in lines], "last_loss": lines[-1]["loss"] if lines else None,
-            "eval_loss": [[m["step"], m["eval_loss"]] for m in lines if "eval_loss" in m],
-            "median_step_s": statistics.median(step_times) if step_times else None,
-            "ranks_moved": sum(sum(h["pruned"].values()) for h in ranks["history"]),
-            "reallocations": len(ranks["history"]), "compute_dtype": config.get("compute_dtype"),
-            "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*"))}
+    return {
+        "steps": [m["step"] for m in lines],
+        "last_loss": lines[-1]["loss"] if lines else None,
+        "eval_loss": [[m["step"], m["eval_loss"]] for m in lines if "eval_loss" in m],
+        "median_step_s": statistics.median(step_times) if step_times else None,
+        "ranks_moved": sum(sum(h["pruned"].values()) for h in ranks["history"]),
+        "reallocations": len(ranks["history"]),
+        "compute_dtype": config.get("compute_dtype"),
+        "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
+    }
 
 
 def train_resume_check(payload: dict[str, Any], device: str) -> dict[str, Any]:
@@ -387,12 +466,17 @@ def train_resume_check(payload: dict[str, Any], device: str) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                train(finetune_config(fixture, values), run_dir, lambda event: None, resume=resume,
-                      should_stop=should_stop, device=device)
+                train(
+                    finetune_config(fixture, values),
+                    run_dir,
+                    lambda event: None,
+                    resume=resume,
+                    should_stop=should_stop,
+                    device=device,
+                )
             except Interrupted as stop:
                 stopped = stop.step
-        nondeterministic.update(str(w.message).splitlines()[0][:300] for w in caught
-                                if "determinis" in str(w.message))
+        nondeterministic.update(str(w.message).splitlines()[0][:300] for w in caught if "determinis" in str(w.message))
         figures: dict[str, Any] = {"wall_s": time.perf_counter() - start, "stopped_at": stopped}
         if cuda:
             figures["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -401,8 +485,10 @@ def train_resume_check(payload: dict[str, Any], device: str) -> dict[str, Any]:
             torch.cuda.empty_cache()
         return figures
 
-    result: dict[str, Any] = {"settings": {**TRAIN_COMMON, **values, "budget": fixture["budget"]},
-                              "model": {k: fixture[k] for k in ("shape", "parameters", "n_adapters")}}
+    result: dict[str, Any] = {
+        "settings": {**TRAIN_COMMON, **values, "budget": fixture["budget"]},
+        "model": {k: fixture[k] for k in ("shape", "parameters", "n_adapters")},
+    }
     result["straight"] = {**one("straight"), **_run_summary(root / "straight")}
     result["stopped"] = one("resumed", stop_at=values["stop_at"])
     result["stopped"]["checkpoints"] = sorted(p.name for p in (root / "resumed").glob("checkpoint-*"))
@@ -416,13 +502,16 @@ def train_resume_check(payload: dict[str, Any], device: str) -> dict[str, Any]:
         result["control"] = {**one("straight-again"), **compare_runs(root / "straight", root / "straight-again")}
         if not result["control"]["equal"]:
             status = "inconclusive"
-            result["note"] = ("two uninterrupted runs differ too: the device does not repeat a run bit for bit "
-                              "(see nondeterministic_ops); compare adapter_max_abs_diff with the control's")
+            result["note"] = (
+                "two uninterrupted runs differ too: the device does not repeat a run bit for bit "
+                "(see nondeterministic_ops); compare adapter_max_abs_diff with the control's"
+            )
     result["nondeterministic_ops"] = sorted(nondeterministic)
     problems = []
     if result["stopped"]["stopped_at"] != values["stop_at"]:
-        problems.append(f"the stop was asked at step {values['stop_at']} and happened at "
-                        f"{result['stopped']['stopped_at']}")
+        problems.append(
+            f"the stop was asked at step {values['stop_at']} and happened at {result['stopped']['stopped_at']}"
+        )
     if not result["straight"]["eval_loss"]:
         problems.append("no evaluation ran")
     if not result["straight"]["checkpoints"]:
@@ -455,8 +544,11 @@ def count_syncs(is_sync: list[bool], marks: list[tuple[Any, int]]) -> dict[str, 
             continue
         per_step[label] = syncs_before(n) - syncs_before(previous)
         previous = n
-    return {"setup": syncs_before(start), "per_step": per_step, "after_last_step": syncs_before(len(is_sync)) -
-            syncs_before(previous)}
+    return {
+        "setup": syncs_before(start),
+        "per_step": per_step,
+        "after_last_step": syncs_before(len(is_sync)) - syncs_before(previous),
+    }
 
 
 def short_location(filename: str, lineno: int) -> str:
@@ -467,7 +559,7 @@ def short_location(filename: str, lineno: int) -> str:
         parts = path.parts
         for anchor in ("site-packages", "dist-packages"):
             if anchor in parts:
-                return f"{'/'.join(parts[parts.index(anchor) + 1:])}:{lineno}"
+                return f"{'/'.join(parts[parts.index(anchor) + 1 :])}:{lineno}"
         return f"{path.name}:{lineno}"
 
 
@@ -509,12 +601,16 @@ def sync_check(payload: dict[str, Any], device: str) -> dict[str, Any]:
     end = marks[-1][1] if marks else len(records)
     where = Counter(short_location(w.filename, w.lineno) for w, s in zip(records[start:end], is_sync[start:end]) if s)
     return {
-        "status": "ok", "settings": {**TRAIN_COMMON, **values, "budget": fixture["budget"]},
-        "micro_batches_per_step": values["grad_accum"], "n_layers": fixture["shape"]["num_hidden_layers"],
-        "setup": counts["setup"], "per_step": {str(k): v for k, v in steps.items()},
+        "status": "ok",
+        "settings": {**TRAIN_COMMON, **values, "budget": fixture["budget"]},
+        "micro_batches_per_step": values["grad_accum"],
+        "n_layers": fixture["shape"]["num_hidden_layers"],
+        "setup": counts["setup"],
+        "per_step": {str(k): v for k, v in steps.items()},
         "median_per_step": statistics.median(plain) if plain else None,
         "median_per_step_note": "steps other than the first, the last (it evaluates) and those that reallocate",
-        "reallocation_steps": reallocated, "after_last_step": counts["after_last_step"],
+        "reallocation_steps": reallocated,
+        "after_last_step": counts["after_last_step"],
         "top_locations": [{"where": k, "count": n} for k, n in where.most_common(12)],
     }
 
@@ -595,31 +691,87 @@ def checkpoint_on_disk(run_dir: Path) -> dict[str, Any]:
         step = ckpt.load_checkpoint(path).state["step"]
     except UserError as err:
         return {"intact": False, "error": str(err), "temporary_leftovers": leftovers}
-    return {"intact": True, "latest": path.name, "step": step, "temporary_leftovers": leftovers,
-            "all": sorted(p.name for p in run_dir.glob("checkpoint-*"))}
+    return {
+        "intact": True,
+        "latest": path.name,
+        "step": step,
+        "temporary_leftovers": leftovers,
+        "all": sorted(p.name for p in run_dir.glob("checkpoint-*")),
+    }
 
 
 def oom_command(fixture: dict[str, Any], run_dir: Path, eval_every: int, tiny: bool) -> list[str]:
     seq = TRAIN["tiny" if tiny else "real"]["seq_len"]
-    args = ["finetune", "--model", fixture["model"], "--data", fixture["data"], "--quant", "nf4",
-            "--budget", fixture["budget"], "--max-steps", 6, "--batch-size", 2, "--grad-accum", 1, "--seq-len", seq,
-            "--warmup", 1, "--update-every", 2, "--save-every", 2, "--eval-every", eval_every, "--eval-fraction",
-            0.1, "--eval-max-rows", 8, "--seed", 7, "--plain", "--output", run_dir]
+    args = [
+        "finetune",
+        "--model",
+        fixture["model"],
+        "--data",
+        fixture["data"],
+        "--quant",
+        "nf4",
+        "--budget",
+        fixture["budget"],
+        "--max-steps",
+        6,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        1,
+        "--seq-len",
+        seq,
+        "--warmup",
+        1,
+        "--update-every",
+        2,
+        "--save-every",
+        2,
+        "--eval-every",
+        eval_every,
+        "--eval-fraction",
+        0.1,
+        "--eval-max-rows",
+        8,
+        "--seed",
+        7,
+        "--plain",
+        "--output",
+        run_dir,
+    ]
     return [sys.executable, "-c", OOM_BOOTSTRAP, *map(str, args)]
 
 
-def oom_check(name: str, fixture: dict[str, Any], workdir: Path, timeout: float, env: dict[str, str],
-              tiny: bool = False, simulate: bool = False) -> dict[str, Any]:
+def oom_check(
+    name: str,
+    fixture: dict[str, Any],
+    workdir: Path,
+    timeout: float,
+    env: dict[str, str],
+    tiny: bool = False,
+    simulate: bool = False,
+) -> dict[str, Any]:
     spec = OOM[name]
     run_dir = Path(workdir) / name
     env = {**env, "L1RA_BENCH_OOM": spec["squeeze"]}
     if simulate:
         env["L1RA_BENCH_OOM_SIMULATE"] = "1"
     start = time.perf_counter()
-    proc = subprocess.run(oom_command(fixture, run_dir, spec["eval_every"], tiny), cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    squeeze = next((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                    if line.startswith("L1RA_BENCH_SQUEEZE ")), None)
+    proc = subprocess.run(
+        oom_command(fixture, run_dir, spec["eval_every"], tiny),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    squeeze = next(
+        (
+            json.loads(line.split(" ", 1)[1])
+            for line in proc.stdout.splitlines()
+            if line.startswith("L1RA_BENCH_SQUEEZE ")
+        ),
+        None,
+    )
     verdict = judge_oom_output(proc.returncode, proc.stderr)
     problems = list(verdict["problems"])
     if squeeze is None:
@@ -633,10 +785,19 @@ def oom_check(name: str, fixture: dict[str, Any], workdir: Path, timeout: float,
         problems.append(f"the latest checkpoint is of step {disk['step']}, expected one of {spec['checkpoint_steps']}")
     if disk.get("temporary_leftovers"):
         problems.append(f"temporary checkpoint folders left: {disk['temporary_leftovers']}")
-    return {"status": "failed" if problems else "ok", "squeeze_at": spec["squeeze"], "simulated": simulate,
-            "squeeze": squeeze, "exit_code": proc.returncode, "error_lines": verdict["error_lines"],
-            "checkpoint": disk, "expected_checkpoint_steps": spec["checkpoint_steps"], "problems": problems,
-            "stderr_tail": proc.stderr.strip().splitlines()[-12:], "wall_s": time.perf_counter() - start}
+    return {
+        "status": "failed" if problems else "ok",
+        "squeeze_at": spec["squeeze"],
+        "simulated": simulate,
+        "squeeze": squeeze,
+        "exit_code": proc.returncode,
+        "error_lines": verdict["error_lines"],
+        "checkpoint": disk,
+        "expected_checkpoint_steps": spec["checkpoint_steps"],
+        "problems": problems,
+        "stderr_tail": proc.stderr.strip().splitlines()[-12:],
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 # ---------------------------------------------------------------- pytest -m cuda (subprocess)
@@ -645,8 +806,11 @@ def oom_check(name: str, fixture: dict[str, Any], workdir: Path, timeout: float,
 def cuda_test_files(tests_dir: Path = REPO_ROOT / "tests") -> list[str]:
     """The test files that hold a cuda-marked test (collecting only these keeps test modules
     that need packages the GPU machine lacks out of the run)."""
-    return [str(p.relative_to(REPO_ROOT)) for p in sorted(Path(tests_dir).glob("test_*.py"))
-            if "mark.cuda" in p.read_text(encoding="utf-8")]
+    return [
+        str(p.relative_to(REPO_ROOT))
+        for p in sorted(Path(tests_dir).glob("test_*.py"))
+        if "mark.cuda" in p.read_text(encoding="utf-8")
+    ]
 
 
 def junit_counts(xml_text: str) -> dict[str, Any]:
@@ -659,30 +823,57 @@ def junit_counts(xml_text: str) -> dict[str, Any]:
         for kind in ("failure", "error"):
             for node in case.findall(kind):
                 message = (node.get("message") or node.text or "").strip().splitlines()
-                failing.append({"test": f"{case.get('classname', '')}::{case.get('name', '')}", "kind": kind,
-                                "message": message[0][:300] if message else ""})
-    return {"passed": totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"],
-            "failed": totals["failures"], "errors": totals["errors"], "skipped": totals["skipped"],
-            "total": totals["tests"], "failing": failing}
+                failing.append(
+                    {
+                        "test": f"{case.get('classname', '')}::{case.get('name', '')}",
+                        "kind": kind,
+                        "message": message[0][:300] if message else "",
+                    }
+                )
+    return {
+        "passed": totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"],
+        "failed": totals["failures"],
+        "errors": totals["errors"],
+        "skipped": totals["skipped"],
+        "total": totals["tests"],
+        "failing": failing,
+    }
 
 
-def pytest_cuda_check(workdir: Path, timeout: float, env: dict[str, str],
-                      files: Optional[list[str]] = None) -> dict[str, Any]:
+def pytest_cuda_check(
+    workdir: Path, timeout: float, env: dict[str, str], files: Optional[list[str]] = None
+) -> dict[str, Any]:
     files = cuda_test_files() if files is None else files
     if not files:
         return {"status": "error", "error": "no test file has a cuda-marked test"}
     report = Path(workdir) / "pytest-cuda.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-           f"--junitxml={report}", "-q", *files]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={report}",
+        "-q",
+        *files,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     result: dict[str, Any] = {"files": files, "exit_code": proc.returncode, "wall_s": time.perf_counter() - start}
     if not report.is_file():
         missing = "No module named pytest" in proc.stderr
-        return {**result, "status": "error", "output_tail": tail,
-                "error": "pytest is not installed (put its wheels in .whl/: pytest, pluggy, iniconfig)" if missing
-                else "pytest wrote no report"}
+        return {
+            **result,
+            "status": "error",
+            "output_tail": tail,
+            "error": "pytest is not installed (put its wheels in .whl/: pytest, pluggy, iniconfig)"
+            if missing
+            else "pytest wrote no report",
+        }
     result.update(junit_counts(report.read_text(encoding="utf-8")))
     if result["failed"] or result["errors"]:
         result["status"], result["output_tail"] = "failed", tail

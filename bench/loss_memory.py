@@ -42,8 +42,14 @@ def measure(loss_name: str, vocab: int, hidden: int, tokens: int, labelled: floa
     from l1ra_lite.loss import causal_lm_loss
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                         num_attention_heads=max(1, hidden // 64), vocab_size=vocab, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 64),
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.model.embed_tokens.requires_grad_(False)
@@ -83,8 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     figures = {}
     for name in LOSSES:
-        cmd = [sys.executable, __file__, "--child", name, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-               "--tokens", str(args.tokens), "--labelled", str(args.labelled), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+            "--tokens",
+            str(args.tokens),
+            "--labelled",
+            str(args.labelled),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"loss_memory: the {name} measurement failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -96,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} {value / GIB:6.2f} GiB  ({value / logits:5.2f} bytes a logit of the whole batch)")
     print(f"  chunked / transformers: {figures['chunked'] / figures['transformers']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args), "peak_bytes": figures},
-                                        indent=1, default=str))
+        args.json.write_text(json.dumps({"settings": vars(args), "peak_bytes": figures}, indent=1, default=str))
     return 0
 
 

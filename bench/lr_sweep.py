@@ -66,8 +66,9 @@ def _row_key(row: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def sweep_rows(source: Optional[str], eval_fraction: float, eval_max_rows: int, seed: int,
-               exclude_eval_content: bool = False) -> tuple[list[dict], dict[str, int]]:
+def sweep_rows(
+    source: Optional[str], eval_fraction: float, eval_max_rows: int, seed: int, exclude_eval_content: bool = False
+) -> tuple[list[dict], dict[str, int]]:
     """The rows the sweep may use: the training rows of the standard split of `source` for
     `seed` (the split `finetune` and the bench make, l1ra_lite.data.split_rows), in their
     order; with `exclude_eval_content`, less any row whose content equals a standard eval
@@ -80,14 +81,25 @@ def sweep_rows(source: Optional[str], eval_fraction: float, eval_max_rows: int, 
     shared = sum(_row_key(r) in held_keys for r in train)
     kept = [r for r in train if _row_key(r) not in held_keys] if exclude_eval_content else train
     out = [{"text": r["text"]} if r["format"] == "text" else {"messages": r["messages"]} for r in kept]
-    return out, {"rows": len(rows), "distinct_rows": len({_row_key(r) for r in rows}),
-                 "standard_eval_rows": len(held_out), "standard_train_rows": len(train),
-                 "train_rows_with_eval_content": shared, "dropped_rows_with_eval_content": len(train) - len(kept),
-                 "sweep_rows": len(out)}
+    return out, {
+        "rows": len(rows),
+        "distinct_rows": len({_row_key(r) for r in rows}),
+        "standard_eval_rows": len(held_out),
+        "standard_train_rows": len(train),
+        "train_rows_with_eval_content": shared,
+        "dropped_rows_with_eval_content": len(train) - len(kept),
+        "sweep_rows": len(out),
+    }
 
 
-def write_sweep_data(path: Path, source: Optional[str], eval_fraction: float, eval_max_rows: int,
-                     seed: int, exclude_eval_content: bool = False) -> dict[str, Any]:
+def write_sweep_data(
+    path: Path,
+    source: Optional[str],
+    eval_fraction: float,
+    eval_max_rows: int,
+    seed: int,
+    exclude_eval_content: bool = False,
+) -> dict[str, Any]:
     """Write the sweep's rows as JSONL (atomically; the same content every time) and say what
     is in it: the counts, and how many rows `finetune --data` will hold out as validation."""
     from l1ra_lite.atomic import write_text_atomic
@@ -99,8 +111,15 @@ def write_sweep_data(path: Path, source: Optional[str], eval_fraction: float, ev
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         write_text_atomic(path, text)
     counts["validation_rows"] = eval_row_count(len(rows), eval_fraction, eval_max_rows)
-    return {"file": str(path), "source": source or "embedded", "seed": seed, "eval_fraction": eval_fraction,
-            "eval_max_rows": eval_max_rows, "exclude_eval_content": exclude_eval_content, **counts}
+    return {
+        "file": str(path),
+        "source": source or "embedded",
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "eval_max_rows": eval_max_rows,
+        "exclude_eval_content": exclude_eval_content,
+        **counts,
+    }
 
 
 # ---------------------------------------------------------------- the grid
@@ -197,12 +216,23 @@ def run_record(method: str, lr: float, alpha: Optional[float], runs_dir: Path, w
     state = run_state(run_dir)
     attempts = read_attempts(runs_dir, name)
     record: dict[str, Any] = {
-        "name": name, "method": method, "lr": lr, "alpha": alpha, **state,
-        "val_loss": None, "val_curve": [], "last_train_loss": None, "train_s": None, "median_step_s": None,
-        "median_step_cpu_s": None, "attempts": len(attempts),
+        "name": name,
+        "method": method,
+        "lr": lr,
+        "alpha": alpha,
+        **state,
+        "val_loss": None,
+        "val_curve": [],
+        "last_train_loss": None,
+        "train_s": None,
+        "median_step_s": None,
+        "median_step_cpu_s": None,
+        "attempts": len(attempts),
         "wall_s": round(sum(a.get("wall_s", 0) for a in attempts), 1) if attempts else None,
         "cpu_s": round(sum(a.get("cpu_s", 0) for a in attempts), 1) if attempts else None,
-        "rank_total": None, "ranks_by_type": None, "run_dir": str(run_dir),
+        "rank_total": None,
+        "ranks_by_type": None,
+        "run_dir": str(run_dir),
     }
     metrics_path = run_dir / "metrics.jsonl"
     lines = read_metrics(metrics_path) if metrics_path.exists() else []
@@ -242,15 +272,27 @@ def winners(records: list[dict[str, Any]], lrs: list[float]) -> dict[str, dict[s
         mine = {r["lr"]: r for r in records if r["method"] == method}
         done = {lr: r for lr, r in mine.items() if r["status"] == "finished" and r["val_loss"] is not None}
         if not done:
-            out[method] = {"lr": None, "alpha": None, "val_loss": None, "finished": 0, "grid": len(mine),
-                           "complete": False, "at_edge": None, "neighbours_finished": None}
+            out[method] = {
+                "lr": None,
+                "alpha": None,
+                "val_loss": None,
+                "finished": 0,
+                "grid": len(mine),
+                "complete": False,
+                "at_edge": None,
+                "neighbours_finished": None,
+            }
             continue
         best_lr = min(done, key=lambda lr: done[lr]["val_loss"])
         i = lrs.index(best_lr)
         neighbours = [lrs[j] for j in (i - 1, i + 1) if 0 <= j < len(lrs)]
         out[method] = {
-            "lr": best_lr, "alpha": done[best_lr]["alpha"], "val_loss": done[best_lr]["val_loss"],
-            "finished": len(done), "grid": len(mine), "complete": len(done) == len(mine),
+            "lr": best_lr,
+            "alpha": done[best_lr]["alpha"],
+            "val_loss": done[best_lr]["val_loss"],
+            "finished": len(done),
+            "grid": len(mine),
+            "complete": len(done) == len(mine),
             "at_edge": best_lr in (lrs[0], lrs[-1]),
             "neighbours_finished": all(lr in done for lr in neighbours),
         }
@@ -278,22 +320,35 @@ def markdown_table(doc: dict[str, Any]) -> str:
     lrs = sorted({r["lr"] for r in records})
     by = {(r["method"], r["lr"]): r for r in records}
     alphas = {m: next(r["alpha"] for r in records if r["method"] == m) for m in methods}
-    head = "| A/B learning rate | " + " | ".join(
-        f"{m} (alpha {'mean rank' if alphas[m] is None else f'{alphas[m]:g}'})" for m in methods) + " |"
+    head = (
+        "| A/B learning rate | "
+        + " | ".join(f"{m} (alpha {'mean rank' if alphas[m] is None else f'{alphas[m]:g}'})" for m in methods)
+        + " |"
+    )
     lines = [head, "| --- |" + " --- |" * len(methods)]
     for lr in lrs:
         lines.append(f"| {lr:g} | " + " | ".join(_cell(by.get((m, lr))) for m in methods) + " |")
     best = doc["winners"]
-    lines.append("| best so far | " + " | ".join(
-        "-" if best[m]["lr"] is None else
-        f"{best[m]['lr']:g} ({best[m]['finished']}/{best[m]['grid']} finished"
-        + (", at the grid's edge" if best[m]["at_edge"] else "") + ")" for m in methods) + " |")
+    lines.append(
+        "| best so far | "
+        + " | ".join(
+            "-"
+            if best[m]["lr"] is None
+            else f"{best[m]['lr']:g} ({best[m]['finished']}/{best[m]['grid']} finished"
+            + (", at the grid's edge" if best[m]["at_edge"] else "")
+            + ")"
+            for m in methods
+        )
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def timing_table(doc: dict[str, Any]) -> str:
-    lines = ["| run | status | steps | median step (s) | median step CPU (s) | wall (s) | process CPU (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| run | status | steps | median step (s) | median step CPU (s) | wall (s) | process CPU (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in doc["runs"]:
         if r["status"] == "absent":
             continue
@@ -301,21 +356,34 @@ def timing_table(doc: dict[str, Any]) -> str:
         def num(x, fmt="{:.2f}"):
             return "-" if x is None else fmt.format(x)
 
-        lines.append(f"| {r['name']} | {r['status']} | {r['steps_done']}/{r['total_steps']} | "
-                     f"{num(r['median_step_s'])} | {num(r['median_step_cpu_s'])} | {num(r['wall_s'], '{:.0f}')} | "
-                     f"{num(r['cpu_s'], '{:.0f}')} |")
+        lines.append(
+            f"| {r['name']} | {r['status']} | {r['steps_done']}/{r['total_steps']} | "
+            f"{num(r['median_step_s'])} | {num(r['median_step_cpu_s'])} | {num(r['wall_s'], '{:.0f}')} | "
+            f"{num(r['cpu_s'], '{:.0f}')} |"
+        )
     return "\n".join(lines)
 
 
-def sweep_document(settings: dict[str, Any], sweep: dict[str, Any], machine: dict[str, Any],
-                   runs_dir: Path, order: list[tuple[str, float]]) -> dict[str, Any]:
-    records = [run_record(m, lr, settings["method_settings"][m]["alpha"], runs_dir, settings["warmup_skip"])
-               for m, lr in order]
+def sweep_document(
+    settings: dict[str, Any],
+    sweep: dict[str, Any],
+    machine: dict[str, Any],
+    runs_dir: Path,
+    order: list[tuple[str, float]],
+) -> dict[str, Any]:
+    records = [
+        run_record(m, lr, settings["method_settings"][m]["alpha"], runs_dir, settings["warmup_skip"]) for m, lr in order
+    ]
     for r in records:
         if r["status"] in ("partial", "running"):
             r["resume_command"] = " ".join(resume_command(Path(r["run_dir"]))[1:])
-    return {"settings": settings, "sweep": sweep, "machine": machine, "runs": records,
-            "winners": winners(records, sweep["lrs"])}
+    return {
+        "settings": settings,
+        "sweep": sweep,
+        "machine": machine,
+        "runs": records,
+        "winners": winners(records, sweep["lrs"]),
+    }
 
 
 # ---------------------------------------------------------------- running
@@ -367,8 +435,10 @@ def take_lock(sweep_dir: Path) -> Path:
             pids = []
         busy = [pid for pid in pids if pid != os.getpid() and _alive(pid)]
         if busy:
-            raise SystemExit(f"lr_sweep: another sweep or its run (pid {', '.join(map(str, busy))}) works in "
-                             f"{sweep_dir}; wait for it or stop it (kill {busy[0]}: a run writes a checkpoint)")
+            raise SystemExit(
+                f"lr_sweep: another sweep or its run (pid {', '.join(map(str, busy))}) works in "
+                f"{sweep_dir}; wait for it or stop it (kill {busy[0]}: a run writes a checkpoint)"
+            )
     write_lock(lock)
     return lock
 
@@ -377,8 +447,17 @@ def write_lock(lock: Path, child: Optional[int] = None) -> None:
     lock.write_text(f"{os.getpid()}" + (f" {child}" if child else "") + "\n")
 
 
-def train_one(method: str, lr: float, settings: dict[str, Any], runs_dir: Path, save_every: int,
-              timeout_s: float, threads: Optional[int], stop: Stop, lock: Optional[Path] = None) -> Optional[int]:
+def train_one(
+    method: str,
+    lr: float,
+    settings: dict[str, Any],
+    runs_dir: Path,
+    save_every: int,
+    timeout_s: float,
+    threads: Optional[int],
+    stop: Stop,
+    lock: Optional[Path] = None,
+) -> Optional[int]:
     """Bring one grid point to the end: read it if finished, resume it if it has a
     checkpoint, else start it. Returns the child's exit code (None if nothing ran)."""
     name = run_name(method, lr)
@@ -411,37 +490,67 @@ def train_one(method: str, lr: float, settings: dict[str, Any], runs_dir: Path, 
     child = run.run_child(cmd, log_path, timeout_s, run.child_env(threads), on_start=started)
     stop.child = None
     after = run_state(run_dir)
-    attempts.append({"date": date, "kind": kind, "from_step": state["steps_done"], "to_step": after["steps_done"],
-                     "returncode": child.returncode, "wall_s": round(child.wall_s, 1), "cpu_s": round(child.cpu_s, 1),
-                     "threads": threads, "load_average_end": list(os.getloadavg()), "log": log_path.name})
+    attempts.append(
+        {
+            "date": date,
+            "kind": kind,
+            "from_step": state["steps_done"],
+            "to_step": after["steps_done"],
+            "returncode": child.returncode,
+            "wall_s": round(child.wall_s, 1),
+            "cpu_s": round(child.cpu_s, 1),
+            "threads": threads,
+            "load_average_end": list(os.getloadavg()),
+            "log": log_path.name,
+        }
+    )
     _attempts_path(runs_dir, name).write_text(json.dumps(attempts, indent=1) + "\n", encoding="utf-8")
-    print(f"lr_sweep: {name}: exit {child.returncode} at step {after['steps_done']}/{after['total_steps']} "
-          f"({child.wall_s:.0f} s, {child.cpu_s:.0f} s CPU)", file=sys.stderr, flush=True)
+    print(
+        f"lr_sweep: {name}: exit {child.returncode} at step {after['steps_done']}/{after['total_steps']} "
+        f"({child.wall_s:.0f} s, {child.cpu_s:.0f} s CPU)",
+        file=sys.stderr,
+        flush=True,
+    )
     if child.returncode != 0 and not stop.requested:
         print(f"lr_sweep: {name} failed; last lines of {log_path}:\n{run.tail(log_path)}", file=sys.stderr, flush=True)
     return child.returncode
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                epilog="Any other option goes to bench/run.py's settings (python bench/run.py --help).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="Any other option goes to bench/run.py's settings (python bench/run.py --help).",
+    )
     p.add_argument("--methods", default=",".join(SWEEP_ORDER), help="comma-separated, from lora,l1ra,adalora")
-    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS),
-                   help="comma-separated A/B learning rates (default %(default)s)")
-    p.add_argument("--sweep-dir", type=Path, default=REPO_ROOT / "bench" / "sweep",
-                   help="run folders, logs and the sweep's data file (default bench/sweep)")
+    p.add_argument(
+        "--lrs",
+        default=",".join(f"{x:g}" for x in DEFAULT_LRS),
+        help="comma-separated A/B learning rates (default %(default)s)",
+    )
+    p.add_argument(
+        "--sweep-dir",
+        type=Path,
+        default=REPO_ROOT / "bench" / "sweep",
+        help="run folders, logs and the sweep's data file (default bench/sweep)",
+    )
     p.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "lr_sweep.json")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="checkpoint interval in steps (default 25)")
-    p.add_argument("--exclude-eval-content", action="store_true",
-                   help="also leave out training rows whose content equals a standard eval row (duplicates)")
+    p.add_argument(
+        "--exclude-eval-content",
+        action="store_true",
+        help="also leave out training rows whose content equals a standard eval row (duplicates)",
+    )
     p.add_argument("--max-runs", type=int, help="train at most this many grid points in this invocation")
     p.add_argument("--report", action="store_true", help="only read the run folders and write the figures")
     p.add_argument("--dry-run", action="store_true", help="print the order and the command lines, run nothing")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds allowed to one process (default 6 h)")
     p.add_argument("--threads", type=int, help="CPU threads of each run (bench/run.py --threads)")
     args, rest = p.parse_known_args(argv)
-    if any(a.split("=")[0] in ("--quick", "--methods", "--results", "--runs-dir", "--lr", "--threads", "--timeout")
-           for a in rest):
+    if any(
+        a.split("=")[0] in ("--quick", "--methods", "--results", "--runs-dir", "--lr", "--threads", "--timeout")
+        for a in rest
+    ):
         raise SystemExit("lr_sweep: --quick, --lr, --runs-dir and --results of bench/run.py are set by this script")
     return args, rest
 
@@ -465,10 +574,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = run.bench_settings(bench_args, run.count_adapters(bench_args.model))
     sweep_dir = args.sweep_dir.resolve()
     runs_dir = sweep_dir / "runs"
-    data_path = sweep_dir / "data" / (f"sweep-rows-seed{settings['seed']}"
-                                      + ("-distinct" if args.exclude_eval_content else "") + ".jsonl")
-    sweep = write_sweep_data(data_path, settings["data"], EVAL_FRACTION, settings["eval_max_rows"], settings["seed"],
-                             args.exclude_eval_content)
+    data_path = (
+        sweep_dir
+        / "data"
+        / (f"sweep-rows-seed{settings['seed']}" + ("-distinct" if args.exclude_eval_content else "") + ".jsonl")
+    )
+    sweep = write_sweep_data(
+        data_path,
+        settings["data"],
+        EVAL_FRACTION,
+        settings["eval_max_rows"],
+        settings["seed"],
+        args.exclude_eval_content,
+    )
     sweep.update(methods=methods, lrs=lrs, save_every=args.save_every, recommended_lr=RECOMMENDED_LR)
     settings = {**settings, "data_standard": settings["data"], "data": str(data_path)}
     order = sweep_order(methods, lrs)
@@ -481,13 +599,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     comparable["alphas"] = {m: settings["method_settings"][m]["alpha"] for m in methods}
     if settings_path.exists():
         saved = json.loads(settings_path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(saved) | set(comparable)
-                      if k != "alphas" and saved.get(k) != comparable.get(k))
-        diff += [f"alpha of {m}" for m in methods if m in saved.get("alphas", {})
-                 and saved["alphas"][m] != comparable["alphas"][m]]
+        diff = sorted(k for k in set(saved) | set(comparable) if k != "alphas" and saved.get(k) != comparable.get(k))
+        diff += [
+            f"alpha of {m}"
+            for m in methods
+            if m in saved.get("alphas", {}) and saved["alphas"][m] != comparable["alphas"][m]
+        ]
         if diff:
-            raise SystemExit(f"lr_sweep: {sweep_dir} holds runs made with other settings ({', '.join(diff)}); "
-                             "use another --sweep-dir")
+            raise SystemExit(
+                f"lr_sweep: {sweep_dir} holds runs made with other settings ({', '.join(diff)}); "
+                "use another --sweep-dir"
+            )
         comparable["alphas"] = {**saved.get("alphas", {}), **comparable["alphas"]}
     settings_path.write_text(json.dumps(comparable, indent=1) + "\n", encoding="utf-8")
 
@@ -503,8 +625,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.dry_run:
         for m, lr in order:
             state = run_state(runs_dir / run_name(m, lr))
-            cmd = (resume_command(runs_dir / run_name(m, lr)) if state["status"] == "partial"
-                   else sweep_command(m, lr, settings, runs_dir / run_name(m, lr), args.save_every))
+            cmd = (
+                resume_command(runs_dir / run_name(m, lr))
+                if state["status"] == "partial"
+                else sweep_command(m, lr, settings, runs_dir / run_name(m, lr), args.save_every)
+            )
             print(f"{run_name(m, lr)} [{state['status']}, {state['steps_done']} steps]: {' '.join(cmd[1:])}")
         return 0
     if not args.report:
@@ -514,8 +639,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             # Unfinished runs first (their steps are paid for), then the rest in order.
             states = {p: run_state(runs_dir / run_name(*p))["status"] for p in order}
-            todo = [p for p in order if states[p] in ("partial", "stale")] + \
-                   [p for p in order if states[p] == "absent"]
+            todo = [p for p in order if states[p] in ("partial", "stale")] + [p for p in order if states[p] == "absent"]
             ran = 0
             for method, lr in todo:
                 if stop.requested or (args.max_runs is not None and ran >= args.max_runs):

@@ -88,9 +88,12 @@ class StorageBytes(TorchDispatchMode):
             out = torch.stack([grid.reshape(-1) for grid in grids], dim=1)
         elif fake and func is aten.index.Tensor and _bool_index(args[1]):  # x[mask], every position labelled
             x, (mask,) = args[0], args[1]
-            out = torch.empty((mask.numel(), *x.shape[mask.dim():]), dtype=x.dtype, device=x.device)
-        elif fake and func in (aten.index_put.default, aten._index_put_impl_.default, aten.index_put_.default) \
-                and _bool_index(args[1]):  # the gradient of x[mask]: a tensor of x's shape
+            out = torch.empty((mask.numel(), *x.shape[mask.dim() :]), dtype=x.dtype, device=x.device)
+        elif (
+            fake
+            and func in (aten.index_put.default, aten._index_put_impl_.default, aten.index_put_.default)
+            and _bool_index(args[1])
+        ):  # the gradient of x[mask]: a tensor of x's shape
             out = torch.empty_like(args[0]) if func is aten.index_put.default else args[0]
         else:
             out = func(*args, **kwargs)
@@ -145,14 +148,27 @@ def _fake_nf4_linear(linear: nn.Linear, dtype: torch.dtype, bnb, bnb_f):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # Params4bit cannot wrap a fake tensor: build the shell on meta
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
     weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype)
     packed, quant_state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     layer.weight = nn.Parameter(packed, requires_grad=False)
     # What a Params4bit carries (and peft's QLoRA layer reads).
-    for name, value in (("quant_state", quant_state), ("quant_type", "nf4"), ("compress_statistics", True),
-                        ("blocksize", 64), ("quant_storage", torch.uint8), ("bnb_quantized", True)):
+    for name, value in (
+        ("quant_state", quant_state),
+        ("quant_type", "nf4"),
+        ("compress_statistics", True),
+        ("blocksize", 64),
+        ("quant_storage", torch.uint8),
+        ("bnb_quantized", True),
+    ):
         setattr(layer.weight, name, value)
     layer.quant_state = quant_state
     if linear.bias is not None:
@@ -246,7 +262,9 @@ def trace(config, steps: int = 2) -> dict[str, Any]:
 def gpu_recipes() -> list[str]:
     from l1ra_lite.config import RECIPES_DIR, read_recipe
 
-    return [p.stem for p in sorted(RECIPES_DIR.glob("*.toml")) if read_recipe(str(p))[1].get("device", "cuda") == "cuda"]
+    return [
+        p.stem for p in sorted(RECIPES_DIR.glob("*.toml")) if read_recipe(str(p))[1].get("device", "cuda") == "cuda"
+    ]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -254,19 +272,38 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="peak memory (GiB): traced training step vs l1ra_lite.estimate (allocated)")
-    for column in ("recipe", "model", "method", "seq x batch", "budget", "weights + adapters", "traced peak",
-                   "estimate", "traced / estimate"):
+    for column in (
+        "recipe",
+        "model",
+        "method",
+        "seq x batch",
+        "budget",
+        "weights + adapters",
+        "traced peak",
+        "estimate",
+        "traced / estimate",
+    ):
         table.add_column(column, justify="left" if column in ("recipe", "model", "method") else "right")
     for row in rows:
-        table.add_row(row["recipe"], row["model"], row["method"], f"{row['seq_len']} x {row['batch_size']}", str(row["budget"]),
-                      f"{row['resident_bytes'] / GIB:.2f}", f"{row['traced_peak_bytes'] / GIB:.2f}",
-                      f"{row['estimate_allocated_bytes'] / GIB:.2f}", f"{row['traced_over_estimate']:.3f}")
+        table.add_row(
+            row["recipe"],
+            row["model"],
+            row["method"],
+            f"{row['seq_len']} x {row['batch_size']}",
+            str(row["budget"]),
+            f"{row['resident_bytes'] / GIB:.2f}",
+            f"{row['traced_peak_bytes'] / GIB:.2f}",
+            f"{row['estimate_allocated_bytes'] / GIB:.2f}",
+            f"{row['traced_over_estimate']:.3f}",
+        )
     Console(width=None if sys.stdout.isatty() else 150).print(table)  # a pipe gets a wide table
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", action="append", help="a recipe name or path (repeatable; default: every GPU recipe)")
+    parser.add_argument(
+        "--recipe", action="append", help="a recipe name or path (repeatable; default: every GPU recipe)"
+    )
     parser.add_argument("--seq-len", type=int, help="override the recipes' sequence length")
     parser.add_argument("--batch-size", type=int, help="override the recipes' batch size")
     parser.add_argument("--budget", type=int, help="override the recipes' rank budget")
@@ -278,14 +315,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     from l1ra_lite.config import build_config
     from l1ra_lite.errors import UserError
 
-    overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
-                                   ("budget", args.budget), ("method", args.method)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("seq_len", args.seq_len),
+            ("batch_size", args.batch_size),
+            ("budget", args.budget),
+            ("method", args.method),
+        )
+        if v is not None
+    }
     rows = []
     try:
         for recipe in args.recipe or gpu_recipes():
             row = {"recipe": recipe, **trace(build_config(recipe, overrides), args.steps)}
-            print(f"{recipe}: traced {row['traced_peak_bytes'] / GIB:.2f} GiB, estimate "
-                  f"{row['estimate_allocated_bytes'] / GIB:.2f} GiB ({row['trace_s']} s)", file=sys.stderr)
+            print(
+                f"{recipe}: traced {row['traced_peak_bytes'] / GIB:.2f} GiB, estimate "
+                f"{row['estimate_allocated_bytes'] / GIB:.2f} GiB ({row['trace_s']} s)",
+                file=sys.stderr,
+            )
             rows.append(row)
     except UserError as err:
         print(f"memory_trace: {err}", file=sys.stderr)

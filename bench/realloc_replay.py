@@ -45,7 +45,7 @@ def read_events(run_dir: Path) -> list[tuple[int, list[str], list[RankEvidence]]
         for path in paths:
             gate = tensors[f"{path}.gate"]
             age = tensors.get(f"{path}.step", gate * 0)
-            fisher = tensors.get(f"{path}.fisher", gate * 0) / (1 - FISHER_BETA ** age).clamp_min(1e-12) * (age > 0)
+            fisher = tensors.get(f"{path}.fisher", gate * 0) / (1 - FISHER_BETA**age).clamp_min(1e-12) * (age > 0)
             evidence.append(RankEvidence(gate.tolist(), fisher.tolist(), age.int().tolist()))
         events.append((int(file.stem.split("-")[1]), paths, evidence))
     return events
@@ -70,9 +70,12 @@ def replay_run(run_dir: Path, rule_set: dict[str, Any]) -> dict[str, Any]:
             per_event.append({"step": step, "cut": sum(plan.pruned)})
             for path, pruned, added in zip(paths, plan.pruned, plan.added):
                 net[module_type(path)] += added - pruned
-        out[name] = {"events": per_event, "moved": sum(e["cut"] for e in per_event),
-                     "budget": sum(len(e.gate) for e in events[0][2]),
-                     "net_by_type": {k: v for k, v in sorted(net.items()) if v}}
+        out[name] = {
+            "events": per_event,
+            "moved": sum(e["cut"] for e in per_event),
+            "budget": sum(len(e.gate) for e in events[0][2]),
+            "net_by_type": {k: v for k, v in sorted(net.items()) if v},
+        }
     return out
 
 
@@ -103,8 +106,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for run_dir in args.runs:
         rule_set = rules(threshold_of(run_dir), args.ratio, args.max_moves, args.grace, args.fraction)
         replays.append(replay_run(run_dir, rule_set))
-    doc = {"runs": [str(r) for r in args.runs], "replays": replays,
-           "gains_in_runs": {rule: gains_across_runs(replays, rule) for rule in replays[0]}}
+    doc = {
+        "runs": [str(r) for r in args.runs],
+        "replays": replays,
+        "gains_in_runs": {rule: gains_across_runs(replays, rule) for rule in replays[0]},
+    }
     for rule in replays[0]:
         moved = ", ".join(f"{r[rule]['moved']}/{r[rule]['budget']}" for r in replays)
         print(f"{rule:14s} ranks cut over the logged events: {moved}")

@@ -47,43 +47,59 @@ METHOD_DEFAULTS: dict[str, dict[str, Optional[float]]] = {
 }
 # quick: a couple of minutes on 2 cores; full: long enough for the eval losses to separate.
 MODES = {
-    "quick": {"steps": 16, "seq_len": 128, "batch_size": 4, "update_every": 4,
-              "eval_every": 0, "eval_max_rows": 48},
-    "full": {"steps": 300, "seq_len": 256, "batch_size": 4, "update_every": 15,
-             "eval_every": 75, "eval_max_rows": 200},
+    "quick": {"steps": 16, "seq_len": 128, "batch_size": 4, "update_every": 4, "eval_every": 0, "eval_max_rows": 48},
+    "full": {"steps": 300, "seq_len": 256, "batch_size": 4, "update_every": 15, "eval_every": 75, "eval_max_rows": 200},
 }
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a short run (16 steps, seq 128): a couple of minutes")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from lora,l1ra,adalora")
     p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="training data (default: the embedded chatterbot corpus)")
     p.add_argument("--quant", default="nf4", choices=("nf4", "none"))
-    p.add_argument("--ranks-per-adapter", type=int, default=4,
-                   help="budget = this x the number of adapters, so all methods have equal totals (default 4)")
+    p.add_argument(
+        "--ranks-per-adapter",
+        type=int,
+        default=4,
+        help="budget = this x the number of adapters, so all methods have equal totals (default 4)",
+    )
     p.add_argument("--budget", type=int, help="total rank (must be a multiple of the number of adapters)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: 16 quick, 300 full)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--update-every", type=int, help="L1RA reallocation interval in steps")
-    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
-                   help="a method's learning rate instead of its default (repeatable; defaults: "
-                        + ", ".join(f"{m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items()) + ")")
-    p.add_argument("--alpha", action="append", default=[], metavar="METHOD=ALPHA",
-                   help="a method's lora_alpha instead of its default (repeatable; defaults: adalora 16, "
-                        "others the mean rank)")
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="a method's learning rate instead of its default (repeatable; defaults: "
+        + ", ".join(f"{m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--alpha",
+        action="append",
+        default=[],
+        metavar="METHOD=ALPHA",
+        help="a method's lora_alpha instead of its default (repeatable; defaults: adalora 16, others the mean rank)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--warmup-skip", type=int, default=2, help="first steps left out of the medians (default 2)")
     p.add_argument("--results", default=str(REPO_ROOT / "bench" / "results.json"), help="where to write the JSON")
     p.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder, removed)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each method's process")
-    p.add_argument("--threads", type=int,
-                   help="CPU threads of each run (OMP/MKL_NUM_THREADS; default: torch's own choice). "
-                        "On a machine shared with other jobs, 1 avoids OpenMP threads spinning for a "
-                        "descheduled partner, which can make steps many times slower")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each run (OMP/MKL_NUM_THREADS; default: torch's own choice). "
+        "On a machine shared with other jobs, 1 avoids OpenMP threads spinning for a "
+        "descheduled partner, which can make steps many times slower",
+    )
     return p.parse_args(argv)
 
 
@@ -105,8 +121,9 @@ def method_settings(lr_args: list[str], alpha_args: list[str]) -> dict[str, dict
             method, _, value = item.partition("=")
             method = method.strip()
             if method not in out:
-                raise SystemExit(f"bench: --{key} {item!r}: unknown method {method!r}; "
-                                 f"choose from {', '.join(METHODS)}")
+                raise SystemExit(
+                    f"bench: --{key} {item!r}: unknown method {method!r}; choose from {', '.join(METHODS)}"
+                )
             try:
                 number = float(value)
             except ValueError:
@@ -122,8 +139,10 @@ def bench_settings(args: argparse.Namespace, n_adapters: int) -> dict[str, Any]:
     defaults = MODES[mode]
     budget = args.budget if args.budget is not None else args.ranks_per_adapter * n_adapters
     if budget % n_adapters:
-        raise SystemExit(f"bench: budget {budget} is not a multiple of the {n_adapters} adapters; "
-                         f"the methods would not get equal totals (try {n_adapters * max(1, budget // n_adapters)})")
+        raise SystemExit(
+            f"bench: budget {budget} is not a multiple of the {n_adapters} adapters; "
+            f"the methods would not get equal totals (try {n_adapters * max(1, budget // n_adapters)})"
+        )
     return {
         "mode": mode,
         "model": args.model,
@@ -148,22 +167,39 @@ def finetune_command(method: str, settings: dict[str, Any], run_dir: Path) -> li
     """The `l1ra-lite finetune` command line of one method; everything but the method and its
     own learning rate and alpha is shared."""
     cmd = [
-        sys.executable, "-m", "l1ra_lite", "finetune",
-        "--method", method,
-        "--quant", settings["quant"],
-        "--budget", str(settings["budget"]),
-        "--max-steps", str(settings["steps"]),
-        "--seq-len", str(settings["seq_len"]),
-        "--batch-size", str(settings["batch_size"]),
-        "--grad-accum", str(settings["grad_accum"]),
-        "--update-every", str(settings["update_every"]),
-        "--eval-every", str(settings["eval_every"]),
-        "--eval-max-rows", str(settings["eval_max_rows"]),
-        "--save-every", "0",  # one checkpoint at the end: no disk writes inside the timed part
-        "--keep-checkpoints", "1",
-        "--seed", str(settings["seed"]),
+        sys.executable,
+        "-m",
+        "l1ra_lite",
+        "finetune",
+        "--method",
+        method,
+        "--quant",
+        settings["quant"],
+        "--budget",
+        str(settings["budget"]),
+        "--max-steps",
+        str(settings["steps"]),
+        "--seq-len",
+        str(settings["seq_len"]),
+        "--batch-size",
+        str(settings["batch_size"]),
+        "--grad-accum",
+        str(settings["grad_accum"]),
+        "--update-every",
+        str(settings["update_every"]),
+        "--eval-every",
+        str(settings["eval_every"]),
+        "--eval-max-rows",
+        str(settings["eval_max_rows"]),
+        "--save-every",
+        "0",  # one checkpoint at the end: no disk writes inside the timed part
+        "--keep-checkpoints",
+        "1",
+        "--seed",
+        str(settings["seed"]),
         "--plain",
-        "--output", str(run_dir),
+        "--output",
+        str(run_dir),
     ]
     for key in ("model", "data"):
         if settings[key]:
@@ -193,8 +229,13 @@ def child_env(threads: Optional[int]) -> dict[str, str]:
     return env
 
 
-def run_child(cmd: list[str], log_path: Path, timeout_s: float, env: dict[str, str],
-              on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> ChildResult:
+def run_child(
+    cmd: list[str],
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str],
+    on_start: Optional[Callable[[subprocess.Popen], None]] = None,
+) -> ChildResult:
     """Run one method's process, its output into `log_path`; measure its peak RSS.
 
     os.wait4 gives the resource usage of that one child (RUSAGE_CHILDREN would give the
@@ -217,8 +258,9 @@ def run_child(cmd: list[str], log_path: Path, timeout_s: float, env: dict[str, s
             time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return ChildResult(proc.returncode, usage.ru_maxrss * scale, time.perf_counter() - start,
-                       usage.ru_utime + usage.ru_stime)
+    return ChildResult(
+        proc.returncode, usage.ru_maxrss * scale, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -246,21 +288,32 @@ def tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def run_method(method: str, settings: dict[str, Any], runs_dir: Path, timeout_s: float,
-               threads: Optional[int]) -> MethodFigures:
+def run_method(
+    method: str, settings: dict[str, Any], runs_dir: Path, timeout_s: float, threads: Optional[int]
+) -> MethodFigures:
     run_dir = runs_dir / method
     log_path = runs_dir / f"{method}.log"
     cmd = finetune_command(method, settings, run_dir)
     print(f"bench: {method}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     child = run_child(cmd, log_path, timeout_s, child_env(threads))
     if child.returncode != 0:
-        raise SystemExit(f"bench: {method} failed (exit {child.returncode}); last lines of {log_path}:\n"
-                         f"{tail(log_path)}")
-    figures = method_figures(method, read_metrics(run_dir / "metrics.jsonl"), read_final_ranks(run_dir / "ranks.json"),
-                             child_peak_bytes=child.peak_rss_bytes, warmup_steps=settings["warmup_skip"],
-                             wall_s=child.wall_s, process_cpu_s=child.cpu_s)
-    print(f"bench: {method}: done in {child.wall_s:.0f} s, median step {figures.median_step_s:.3f} s",
-          file=sys.stderr, flush=True)
+        raise SystemExit(
+            f"bench: {method} failed (exit {child.returncode}); last lines of {log_path}:\n{tail(log_path)}"
+        )
+    figures = method_figures(
+        method,
+        read_metrics(run_dir / "metrics.jsonl"),
+        read_final_ranks(run_dir / "ranks.json"),
+        child_peak_bytes=child.peak_rss_bytes,
+        warmup_steps=settings["warmup_skip"],
+        wall_s=child.wall_s,
+        process_cpu_s=child.cpu_s,
+    )
+    print(
+        f"bench: {method}: done in {child.wall_s:.0f} s, median step {figures.median_step_s:.3f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return figures
 
 
@@ -289,9 +342,11 @@ def render_table(doc: dict[str, Any]):
     names = [m for m in METHODS if m in methods]
     ratios, targets = doc["ratios"], doc["targets"]
     s = doc["settings"]
-    table = Table(title=f"l1ra-lite bench ({s['mode']}): {s['steps']} steps, batch {s['batch_size']} x "
-                        f"{s['seq_len']} tokens, budget {s['budget']} over {s['n_adapters']} adapters, "
-                        f"{s['quant']}, {doc['machine']['device']}")
+    table = Table(
+        title=f"l1ra-lite bench ({s['mode']}): {s['steps']} steps, batch {s['batch_size']} x "
+        f"{s['seq_len']} tokens, budget {s['budget']} over {s['n_adapters']} adapters, "
+        f"{s['quant']}, {doc['machine']['device']}"
+    )
     table.add_column("figure")
     for name in names:
         table.add_column(name, justify="right")
@@ -308,34 +363,61 @@ def render_table(doc: dict[str, Any]):
         bound = f" (<= {check['max']:g})" if check else ""
         return f"{label} {value:.3f}{bound}{_verdict(check) if check else ''}"
 
-    row("median step (s)", "median_step_s", _num,
-        ratio_text("step_time_l1ra_over_lora", "L1RA/LoRA, paired") + "\n"
-        + ratio_text("step_time_adalora_over_lora", "AdaLoRA/LoRA, paired") + "\n"
-        + ratio_text("median_step_l1ra_over_lora", "ratio of medians L1RA/LoRA"))
+    row(
+        "median step (s)",
+        "median_step_s",
+        _num,
+        ratio_text("step_time_l1ra_over_lora", "L1RA/LoRA, paired")
+        + "\n"
+        + ratio_text("step_time_adalora_over_lora", "AdaLoRA/LoRA, paired")
+        + "\n"
+        + ratio_text("median_step_l1ra_over_lora", "ratio of medians L1RA/LoRA"),
+    )
     if any(methods[n].get("median_step_cpu_s") is not None for n in names):
-        row("median step, CPU time (s)", "median_step_cpu_s", _num,
-            ratio_text("step_cpu_time_l1ra_over_lora", "L1RA/LoRA"))
+        row(
+            "median step, CPU time (s)",
+            "median_step_cpu_s",
+            _num,
+            ratio_text("step_cpu_time_l1ra_over_lora", "L1RA/LoRA"),
+        )
     row("mean step incl. realloc (s)", "mean_step_s", _num, ratio_text("mean_step_time_l1ra_over_lora", "L1RA/LoRA"))
     row("tokens/s (median)", "median_tokens_per_s", lambda x: _num(x, "{:,.0f}"))
     row("reallocations", "reallocations", lambda x: _num(x, "{:d}"))
     row("one reallocation (s)", "median_realloc_s", _num, ratio_text("realloc_over_step", "of a step"))
-    row("trainable state (MiB)", "trainable_state_bytes", _mib,
-        ratio_text("trainable_state_l1ra_over_adalora", "L1RA/AdaLoRA") + "\n"
-        + ratio_text("trainable_state_l1ra_over_lora", "L1RA/LoRA"))
+    row(
+        "trainable state (MiB)",
+        "trainable_state_bytes",
+        _mib,
+        ratio_text("trainable_state_l1ra_over_adalora", "L1RA/AdaLoRA")
+        + "\n"
+        + ratio_text("trainable_state_l1ra_over_lora", "L1RA/LoRA"),
+    )
     row("peak memory (MiB)", "peak_bytes", _mib, ratio_text("peak_memory_l1ra_over_lora", "L1RA/LoRA"))
-    row("memory while training, max (MiB)", "train_mem_max_bytes", _mib,
-        ratio_text("train_memory_l1ra_over_lora", "L1RA/LoRA"))
+    row(
+        "memory while training, max (MiB)",
+        "train_mem_max_bytes",
+        _mib,
+        ratio_text("train_memory_l1ra_over_lora", "L1RA/LoRA"),
+    )
     diff = ratios.get("eval_loss_l1ra_minus_lora")
     check = targets["eval_loss_l1ra_minus_lora"]
-    row("eval loss (end)", "eval_loss", lambda x: _num(x, "{:.4f}"),
-        "" if diff is None else f"L1RA-LoRA {diff:+.4f} (<= 0){_verdict(check)}")
+    row(
+        "eval loss (end)",
+        "eval_loss",
+        lambda x: _num(x, "{:.4f}"),
+        "" if diff is None else f"L1RA-LoRA {diff:+.4f} (<= 0){_verdict(check)}",
+    )
     row("total rank (end)", "rank_total", lambda x: _num(x, "{:d}"))
     kinds = sorted({k for n in names for k in methods[n]["ranks_by_type"]})
     for kind in kinds:
         table.add_row(f"  rank {kind}", *[str(methods[n]["ranks_by_type"].get(kind, "-")) for n in names], "")
     row("process wall time (s)", "wall_s", lambda x: _num(x, "{:.0f}"))
-    row("process CPU time (s)", "process_cpu_s", lambda x: _num(x, "{:.0f}"),
-        ratio_text("process_cpu_time_l1ra_over_lora", "L1RA/LoRA"))
+    row(
+        "process CPU time (s)",
+        "process_cpu_s",
+        lambda x: _num(x, "{:.0f}"),
+        ratio_text("process_cpu_time_l1ra_over_lora", "L1RA/LoRA"),
+    )
     return table
 
 

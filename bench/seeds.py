@@ -52,15 +52,20 @@ def render(summary: dict[str, Any]) -> str:
     for (seed, row), diff in zip(summary["eval_loss"].items(), summary["l1ra_minus_lora"]):
         lines.append(f"{seed:<6} {row['lora']:.4f}   {row['l1ra']:.4f}   {diff:+.4f}")
     mean, spread = summary["l1ra_minus_lora_mean"], summary["l1ra_minus_lora_stdev"]
-    lines.append(f"mean   {summary['mean']['lora']:.4f}   {summary['mean']['l1ra']:.4f}   {mean:+.4f}"
-                 + (f" (sd {spread:.4f})" if spread is not None else ""))
+    lines.append(
+        f"mean   {summary['mean']['lora']:.4f}   {summary['mean']['l1ra']:.4f}   {mean:+.4f}"
+        + (f" (sd {spread:.4f})" if spread is not None else "")
+    )
     lines.append(f"L1RA at or below LoRA in {summary['l1ra_at_or_below_lora']} of {summary['seeds']} seeds")
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     epilog="Any other option goes to bench/run.py (python bench/run.py --help).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="Any other option goes to bench/run.py (python bench/run.py --help).",
+    )
     parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default 42,43,44)")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "seeds.json")
     args, run_args = parser.parse_known_args(argv)

@@ -149,7 +149,8 @@ def method_figures(
         median_step_s=statistics.median(step_times.values()),
         mean_step_s=statistics.fmean(m["step_s"] for m in after_warmup),
         median_tokens_per_s=statistics.median(m["tokens_per_s"] for m in after_warmup if "tokens_per_s" in m)
-        if any("tokens_per_s" in m for m in after_warmup) else 0.0,
+        if any("tokens_per_s" in m for m in after_warmup)
+        else 0.0,
         reallocations=len(reallocs),
         median_realloc_s=statistics.median(reallocs) if reallocs else None,
         trainable_state_bytes=int(metrics[-1].get("adapter_bytes", 0)),
@@ -204,13 +205,14 @@ def compare(figures: dict[str, MethodFigures]) -> dict[str, Optional[float]]:
         "step_cpu_time_l1ra_over_lora": ratio(get(l1ra, "median_step_cpu_s"), get(lora, "median_step_cpu_s")),
         "process_cpu_time_l1ra_over_lora": ratio(get(l1ra, "process_cpu_s"), get(lora, "process_cpu_s")),
         "realloc_over_step": get(l1ra, "realloc_fraction"),
-        "trainable_state_l1ra_over_adalora": ratio(get(l1ra, "trainable_state_bytes"),
-                                                   get(adalora, "trainable_state_bytes")),
-        "trainable_state_l1ra_over_lora": ratio(get(l1ra, "trainable_state_bytes"),
-                                                get(lora, "trainable_state_bytes")),
+        "trainable_state_l1ra_over_adalora": ratio(
+            get(l1ra, "trainable_state_bytes"), get(adalora, "trainable_state_bytes")
+        ),
+        "trainable_state_l1ra_over_lora": ratio(get(l1ra, "trainable_state_bytes"), get(lora, "trainable_state_bytes")),
         "peak_memory_l1ra_over_lora": ratio(get(l1ra, "peak_bytes"), get(lora, "peak_bytes")),
         "train_memory_l1ra_over_lora": ratio(get(l1ra, "train_mem_max_bytes"), get(lora, "train_mem_max_bytes")),
-        "eval_loss_l1ra_minus_lora": None if get(l1ra, "eval_loss") is None or get(lora, "eval_loss") is None
+        "eval_loss_l1ra_minus_lora": None
+        if get(l1ra, "eval_loss") is None or get(lora, "eval_loss") is None
         else l1ra.eval_loss - lora.eval_loss,
     }
 
@@ -227,14 +229,16 @@ def check_targets(ratios: dict[str, Optional[float]], full_run: bool) -> dict[st
         checks[key] = {"value": value, "max": bound, "met": None if value is None else value <= bound}
     diff = ratios.get("eval_loss_l1ra_minus_lora")
     checks["eval_loss_l1ra_minus_lora"] = {
-        "value": diff, "max": 0.0,
+        "value": diff,
+        "max": 0.0,
         "met": None if diff is None or not full_run else diff <= 0.0,
     }
     return checks
 
 
-def results_document(settings: dict[str, Any], machine: dict[str, Any],
-                     figures: dict[str, MethodFigures], full_run: bool) -> dict[str, Any]:
+def results_document(
+    settings: dict[str, Any], machine: dict[str, Any], figures: dict[str, MethodFigures], full_run: bool
+) -> dict[str, Any]:
     """Everything bench/results.json holds (see bench/README.md)."""
     ratios = compare(figures)
     return {

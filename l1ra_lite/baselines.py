@@ -78,8 +78,9 @@ def adalora_schedule(total_steps: int, warmup_steps: int) -> tuple[int, int]:
     return min(tinit, max(0, total_steps - tfinal - 1)), tfinal
 
 
-def adalora_config(paths: list[str], budget: int, alpha: float, dropout: float, total_steps: int,
-                   warmup_steps: int, update_every: int):
+def adalora_config(
+    paths: list[str], budget: int, alpha: float, dropout: float, total_steps: int, warmup_steps: int, update_every: int
+):
     from peft import AdaLoraConfig
 
     target_r = adalora_target_rank(budget, len(paths))
@@ -101,8 +102,16 @@ def adalora_config(paths: list[str], budget: int, alpha: float, dropout: float, 
     )
 
 
-def peft_adalora(model, paths: list[str], budget: int, alpha: float, dropout: float,
-                 total_steps: int, warmup_steps: int, update_every: int):
+def peft_adalora(
+    model,
+    paths: list[str],
+    budget: int,
+    alpha: float,
+    dropout: float,
+    total_steps: int,
+    warmup_steps: int,
+    update_every: int,
+):
     from peft import get_peft_model
 
     config = adalora_config(paths, budget, alpha, dropout, total_steps, warmup_steps, update_every)
@@ -181,8 +190,9 @@ class PeftLoRA:
     moves_rank = False
 
     @classmethod
-    def attach(cls, model, paths: list[str], ranks: list[int], alpha: float, dropout: float, lr: float,
-               weight_decay: float) -> "PeftLoRA":
+    def attach(
+        cls, model, paths: list[str], ranks: list[int], alpha: float, dropout: float, lr: float, weight_decay: float
+    ) -> "PeftLoRA":
         model = peft_lora(model, paths, ranks, alpha, dropout)
         return cls(model, _adamw(model, lr, weight_decay), RankState(sum(ranks), peft_ranks(model)), alpha)
 
@@ -210,12 +220,12 @@ class PeftLoRA:
     def rank_summary(self) -> str:
         if not self.moves_rank:
             return ""
-        started = sum(m.lora_E["default"].shape[0] for m in self.model.modules()
-                      if "default" in getattr(m, "lora_E", {}))
+        started = sum(
+            m.lora_E["default"].shape[0] for m in self.model.modules() if "default" in getattr(m, "lora_E", {})
+        )
         return f"{sum(self.current_ranks().values())} of the {started} ranks AdaLoRA started with are unmasked"
 
-    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
-                     tokenizer) -> None:
+    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str], tokenizer) -> None:
         self.model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
 
@@ -228,8 +238,19 @@ class PeftAdaLoRA(PeftLoRA):
     moves_rank = True
 
     @classmethod
-    def attach(cls, model, paths: list[str], budget: int, alpha: float, dropout: float, lr: float,
-               weight_decay: float, total_steps: int, warmup_steps: int, update_every: int) -> "PeftAdaLoRA":
+    def attach(
+        cls,
+        model,
+        paths: list[str],
+        budget: int,
+        alpha: float,
+        dropout: float,
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        warmup_steps: int,
+        update_every: int,
+    ) -> "PeftAdaLoRA":
         model = peft_adalora(model, paths, budget, alpha, dropout, total_steps, warmup_steps, update_every)
         final_total = adalora_target_rank(budget, len(paths)) * len(paths)  # the total AdaLoRA ends at
         return cls(model, _adamw(model, lr, weight_decay), RankState(final_total, peft_ranks(model)), alpha)
@@ -241,7 +262,8 @@ class PeftAdaLoRA(PeftLoRA):
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return adalora_allocator_state(self.model), {
-            "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern}
+            "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern
+        }
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         load_adalora_allocator_state(self.model, tensors)

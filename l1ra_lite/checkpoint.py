@@ -101,8 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int)
         files = TENSOR_FILES + ("state.json",)
         for name in files:
             _fsync(folder / name)
-        manifest = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-                    for name in files}
+        manifest = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in files}
         write_json_atomic(folder / "manifest.json", {"step": step, "files": manifest})
 
     # A checkpoint of the same step left by an interrupted earlier try is replaced.
@@ -123,7 +122,7 @@ def _remove_old(run_dir: Path, keep: int) -> None:
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.glob(f"{PREFIX}*"):
-        suffix = path.name[len(PREFIX):]
+        suffix = path.name[len(PREFIX) :]
         if path.is_dir() and suffix.isdigit() and (path / "manifest.json").exists():
             found.append((int(suffix), path))
     return sorted(found)

@@ -29,7 +29,7 @@ class FinetuneConfig:
     data: Optional[str] = None  # file or hub dataset; None: the embedded default
     method: str = "l1ra"  # l1ra | lora | adalora
     quant: str = "nf4"  # nf4 | none
-    dtype: str = "auto"  # compute dtype: auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32; fp16 on CUDA without bf16)
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where native, fp16 on older CUDA cards, else fp32
     target_modules: Optional[list[str]] = None  # None: every linear layer of the decoder blocks
     trust_remote_code: bool = False
     # rank
@@ -42,7 +42,9 @@ class FinetuneConfig:
     eta_c: float = 2e-2  # learning rate of the gates (constant)
     update_every: float = 0.05  # reallocation interval: fraction of the run (<1) or steps
     realloc_rule: str = "paper"  # which ranks go: paper (gate below eta_c * lambda) | importance
-    shrink_until: float = 1.0  # share of the run after which the L1 shrink and reallocations stop and the gates fold into B
+    shrink_until: float = (
+        1.0  # share of the run after which the L1 shrink and reallocations stop and the gates fold into B
+    )
     log_gates: bool = False  # write every rank's gate, moments and age at each reallocation (gates/)
     # data
     seq_len: int = 512
@@ -73,8 +75,12 @@ class FinetuneConfig:
 
 
 METHOD_CHOICES = ("l1ra", "lora", "adalora")  # l1ra_lite.methods.METHODS has one entry each
-CHOICES = {"method": METHOD_CHOICES, "quant": QUANT_CHOICES, "dtype": DTYPE_CHOICES,
-           "realloc_rule": ("paper", "importance")}
+CHOICES = {
+    "method": METHOD_CHOICES,
+    "quant": QUANT_CHOICES,
+    "dtype": DTYPE_CHOICES,
+    "realloc_rule": ("paper", "importance"),
+}
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
@@ -159,8 +165,15 @@ def validate(config: FinetuneConfig) -> None:
     for key in positive:
         if not getattr(config, key) > 0:
             raise UserError(f"{key.replace('_', '-')} must be positive (got {getattr(config, key)})")
-    non_negative = ("weight_decay", "max_grad_norm", "eval_max_rows", "warmup", "update_every",
-                    "eval_every", "save_every")
+    non_negative = (
+        "weight_decay",
+        "max_grad_norm",
+        "eval_max_rows",
+        "warmup",
+        "update_every",
+        "eval_every",
+        "save_every",
+    )
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{key.replace('_', '-')} cannot be negative (got {getattr(config, key)})")

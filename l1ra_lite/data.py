@@ -40,8 +40,7 @@ from l1ra_lite.errors import UserError
 IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy default)
 
 EXPECTED_FIELDS = (
-    "messages (a list of {role, content}) | instruction, output (input optional) "
-    "| prompt, completion | text"
+    "messages (a list of {role, content}) | instruction, output (input optional) | prompt, completion | text"
 )
 FILE_KINDS = {
     ".jsonl": "jsonl",
@@ -169,9 +168,7 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise UserError(f"{path} is a folder; give a data file ({', '.join(sorted(FILE_KINDS))})")
     kind = FILE_KINDS.get(path.suffix.lower())
     if kind is None:
-        raise UserError(
-            f"{path}: unknown data file type {path.suffix!r}; supported: {', '.join(sorted(FILE_KINDS))}"
-        )
+        raise UserError(f"{path}: unknown data file type {path.suffix!r}; supported: {', '.join(sorted(FILE_KINDS))}")
     readers = {
         "jsonl": _jsonl_rows,
         "json": _json_rows,
@@ -508,9 +505,7 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # noqa: BLE001 - jinja raises whatever the template raises
         raise BadRow(f"the chat template rejected it ({_one_line(err)})") from None
 

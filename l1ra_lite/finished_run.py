@@ -16,6 +16,7 @@ from l1ra_lite.errors import UserError
 from l1ra_lite.models import QUANT_CHOICES  # a light import: torch loads inside its functions
 from l1ra_lite.peft_adapter import ADAPTER_CONFIG
 
+
 @dataclass
 class RunInfo:
     run_dir: Path

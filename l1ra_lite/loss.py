@@ -65,8 +65,9 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUN
     lm = plain_causal_lm(model)
     if lm is None:
         return model(**{**batch, "labels": batch["labels"].to(device)}).loss
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              use_cache=False).last_hidden_state
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+    ).last_hidden_state
     batch_size, length, width = hidden.shape
     next_labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
     positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)  # over (batch, length - 1)
@@ -82,7 +83,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUN
     step = chunk_tokens(head.weight.shape[0], chunk_logits)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n_labelled, step):
-        h, t = hidden[start:start + step], targets[start:start + step]
+        h, t = hidden[start : start + step], targets[start : start + step]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, h, t, head, use_reentrant=False)
         else:

@@ -50,41 +50,85 @@ class AdapterMethod(Protocol):
         """One sentence for the end of the run: what moved, or why nothing did ("" if rank
         does not move in this method)."""
 
-    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
-                     tokenizer) -> None:
+    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str], tokenizer) -> None:
         """The finished adapter as a folder stock peft loads."""
 
 
-def _l1ra(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,
-          saved_ranks: Optional[dict[str, int]]) -> L1RAMethod:
+def _l1ra(
+    model,
+    config: FinetuneConfig,
+    common: dict,
+    total_steps: int,
+    warmup_steps: int,
+    update_every: int,
+    saved_ranks: Optional[dict[str, int]],
+) -> L1RAMethod:
     window_end = shrink_steps(config, total_steps) if config.shrink_until < 1 else None
-    return L1RAMethod.attach(model, common["paths"], common["budget"], common["alpha"], config.dropout,
-                             config.seed, config.lr, config.weight_decay, config.eta_c,
-                             resolve_l1_lambda(config, total_steps), saved_ranks, rule=config.realloc_rule,
-                             shrink_until=window_end, grace=max(1, update_every),
-                             window_steps=shrink_steps(config, total_steps))
+    return L1RAMethod.attach(
+        model,
+        common["paths"],
+        common["budget"],
+        common["alpha"],
+        config.dropout,
+        config.seed,
+        config.lr,
+        config.weight_decay,
+        config.eta_c,
+        resolve_l1_lambda(config, total_steps),
+        saved_ranks,
+        rule=config.realloc_rule,
+        shrink_until=window_end,
+        grace=max(1, update_every),
+        window_steps=shrink_steps(config, total_steps),
+    )
 
 
-def _lora(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,
-          saved_ranks: Optional[dict[str, int]]) -> PeftLoRA:
+def _lora(
+    model,
+    config: FinetuneConfig,
+    common: dict,
+    total_steps: int,
+    warmup_steps: int,
+    update_every: int,
+    saved_ranks: Optional[dict[str, int]],
+) -> PeftLoRA:
     torch.manual_seed(config.seed)  # peft draws its init from the global generator
     ranks = initial_ranks(common["budget"], len(common["paths"]))
-    return PeftLoRA.attach(model, common["paths"], ranks, common["alpha"], config.dropout, config.lr,
-                           config.weight_decay)
+    return PeftLoRA.attach(
+        model, common["paths"], ranks, common["alpha"], config.dropout, config.lr, config.weight_decay
+    )
 
 
-def _adalora(model, config: FinetuneConfig, common: dict, total_steps: int, warmup_steps: int, update_every: int,
-             saved_ranks: Optional[dict[str, int]]) -> PeftAdaLoRA:
+def _adalora(
+    model,
+    config: FinetuneConfig,
+    common: dict,
+    total_steps: int,
+    warmup_steps: int,
+    update_every: int,
+    saved_ranks: Optional[dict[str, int]],
+) -> PeftAdaLoRA:
     torch.manual_seed(config.seed)
-    return PeftAdaLoRA.attach(model, common["paths"], common["budget"], common["alpha"], config.dropout,
-                              config.lr, config.weight_decay, total_steps, warmup_steps, max(1, update_every))
+    return PeftAdaLoRA.attach(
+        model,
+        common["paths"],
+        common["budget"],
+        common["alpha"],
+        config.dropout,
+        config.lr,
+        config.weight_decay,
+        total_steps,
+        warmup_steps,
+        max(1, update_every),
+    )
 
 
 METHODS: dict[str, Callable[..., AdapterMethod]] = {"l1ra": _l1ra, "lora": _lora, "adalora": _adalora}
 
 
-def attach_method(model, config: FinetuneConfig, schedule, saved_ranks: Optional[dict[str, int]] = None
-                  ) -> AdapterMethod:
+def attach_method(
+    model, config: FinetuneConfig, schedule, saved_ranks: Optional[dict[str, int]] = None
+) -> AdapterMethod:
     """Put `config.method`'s adapters on `model` at the run's budget (default 8 a module)
     and alpha (default: the mean rank, so the scale is 1). `schedule` is the run's
     l1ra_lite.train.Schedule (total, warmup and update steps)."""
@@ -93,5 +137,6 @@ def attach_method(model, config: FinetuneConfig, schedule, saved_ranks: Optional
     initial_ranks(budget, len(paths))  # refuses a budget below one rank per module
     alpha = config.alpha if config.alpha is not None else budget / len(paths)
     common = {"paths": paths, "budget": budget, "alpha": alpha}
-    return METHODS[config.method](model, config, common, schedule.total_steps, schedule.warmup_steps,
-                                  schedule.update_every, saved_ranks)
+    return METHODS[config.method](
+        model, config, common, schedule.total_steps, schedule.warmup_steps, schedule.update_every, saved_ranks
+    )

@@ -432,7 +432,9 @@ def enable_checkpointing(model: Any) -> None:
     model.enable_input_require_grads()
 
 
-def _from_pretrained(source: ModelSource, quant: str, device: str, dtype: "torch.dtype", trust_remote_code: bool) -> Any:
+def _from_pretrained(
+    source: ModelSource, quant: str, device: str, dtype: "torch.dtype", trust_remote_code: bool
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
@@ -472,7 +474,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = _load_from(source, lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+    tokenizer = _load_from(
+        source, lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    )
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -591,8 +595,10 @@ def check_hub(source: ModelSource, missing: Optional[str] = None, timeout: Optio
 def _not_cached_error(source: ModelSource, why: str, missing: Optional[str]) -> UserError:
     from huggingface_hub import constants
 
-    held = f"is not completely in the Hugging Face cache {constants.HF_HUB_CACHE} ({missing})" if missing else (
-        f"is not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    held = (
+        f"is not completely in the Hugging Face cache {constants.HF_HUB_CACHE} ({missing})"
+        if missing
+        else (f"is not in the Hugging Face cache {constants.HF_HUB_CACHE}")
     )
     return UserError(f"model {_described(source)} {held} and {why}: {WITHOUT_HUB}")
 
@@ -605,7 +611,7 @@ def _gated_error(source: ModelSource) -> UserError:
 
 
 def _described(source: ModelSource) -> str:
-    """"alias (org/name)", or the hub id alone when the user typed it."""
+    """ "alias (org/name)", or the hub id alone when the user typed it."""
     return source.name if source.name == source.path else f"{source.name} ({source.path})"
 
 

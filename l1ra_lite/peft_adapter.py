@@ -102,8 +102,7 @@ def save_peft_adapter(
     )
     config.save_pretrained(str(out_dir))
     try:
-        save_file(peft_tensors(adapters, lora_alpha), str(out_dir / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(peft_tensors(adapters, lora_alpha), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     except SafetensorError as err:  # safetensors reports a full disk this way
         raise OSError(str(err)) from None
     if tokenizer is not None:
@@ -171,9 +170,7 @@ def read_lora_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         for key in weights.keys():
             parts = split_lora_key(key)
             if parts is None:
-                raise UserError(
-                    f"unexpected tensor {key!r} in the adapter: only lora_A / lora_B weights are supported"
-                )
+                raise UserError(f"unexpected tensor {key!r} in the adapter: only lora_A / lora_B weights are supported")
             tensors[parts[1]][parts[0]] = weights.get_tensor(key)
     if not tensors["lora_A"]:
         raise UserError(f"{folder / ADAPTER_WEIGHTS} has no lora_A tensors: not a LoRA adapter")

@@ -10,3 +10,24 @@ def embedded_model_dir(tmp_path_factory):
     from l1ra_lite.models import embedded_model_dir as convert
 
     return convert(cache_dir=tmp_path_factory.mktemp("l1ra-cache"))
+
+
+# Question/answer rows for the tiny runs of test_finetune and the files that reuse its runs.
+FINETUNE_ROWS = [
+    {"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}."} for i in range(48)
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama base folder and a JSONL file of FINETUNE_ROWS (files may override it)."""
+    import json
+
+    from tests.tiny import save_tiny_base
+
+    root = tmp_path_factory.mktemp("finetune")
+    save_tiny_base(root / "base")
+    with open(root / "data.jsonl", "w") as f:
+        for row in FINETUNE_ROWS:
+            f.write(json.dumps(row) + "\n")
+    return root

@@ -28,16 +28,28 @@ from bench.summary import (  # noqa: E402
     results_document,
 )
 
-RANKS = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.up_proj": 5,
-         "model.layers.1.self_attn.q_proj": 2, "model.layers.1.mlp.up_proj": 6}
+RANKS = {
+    "model.layers.0.self_attn.q_proj": 3,
+    "model.layers.0.mlp.up_proj": 5,
+    "model.layers.1.self_attn.q_proj": 2,
+    "model.layers.1.mlp.up_proj": 6,
+}
 
 
 def metrics(step_times, realloc=None, adapter_bytes=1000, evals=None, peak=None):
     """Fixture metric lines: step i (1-based) took step_times[i-1] seconds."""
     lines = []
     for i, s in enumerate(step_times, start=1):
-        line = {"step": i, "loss": 1.0, "lr": 1e-4, "step_s": s, "tokens_per_s": 100 / s,
-                "mem_bytes": 1000 + i, "adapter_bytes": adapter_bytes + i, "rank_total": 16}
+        line = {
+            "step": i,
+            "loss": 1.0,
+            "lr": 1e-4,
+            "step_s": s,
+            "tokens_per_s": 100 / s,
+            "mem_bytes": 1000 + i,
+            "adapter_bytes": adapter_bytes + i,
+            "rank_total": 16,
+        }
         if realloc and i in realloc:
             line["realloc_s"] = realloc[i]
         if evals and i in evals:
@@ -111,12 +123,18 @@ def test_step_time_ratio_is_paired_by_step():
 
 
 def test_ratios_and_targets():
-    lora = method_figures("lora", metrics([5, 5, 2.0, 2.0, 2.0], adapter_bytes=1000, evals={5: 1.50}),
-                          RANKS, child_peak_bytes=1000)
-    l1ra = method_figures("l1ra", metrics([5, 5, 2.1, 0.9 + 2.1, 2.1], realloc={4: 0.9}, adapter_bytes=1200,
-                                          evals={5: 1.40}), RANKS, child_peak_bytes=1010)
-    adalora = method_figures("adalora", metrics([5, 5, 3.0, 3.0, 3.0], adapter_bytes=2000, evals={5: 1.6}),
-                             RANKS, child_peak_bytes=1100)
+    lora = method_figures(
+        "lora", metrics([5, 5, 2.0, 2.0, 2.0], adapter_bytes=1000, evals={5: 1.50}), RANKS, child_peak_bytes=1000
+    )
+    l1ra = method_figures(
+        "l1ra",
+        metrics([5, 5, 2.1, 0.9 + 2.1, 2.1], realloc={4: 0.9}, adapter_bytes=1200, evals={5: 1.40}),
+        RANKS,
+        child_peak_bytes=1010,
+    )
+    adalora = method_figures(
+        "adalora", metrics([5, 5, 3.0, 3.0, 3.0], adapter_bytes=2000, evals={5: 1.6}), RANKS, child_peak_bytes=1100
+    )
     r = compare({"lora": lora, "l1ra": l1ra, "adalora": adalora})
     assert r["step_time_l1ra_over_lora"] == pytest.approx(1.05)
     assert r["step_time_adalora_over_lora"] == pytest.approx(1.5)
@@ -142,8 +160,10 @@ def test_ratios_and_targets():
 
 
 def test_seed_comparison_pairs_the_methods_by_seed():
-    docs = {seed: {"methods": {"lora": {"eval_loss": lora}, "l1ra": {"eval_loss": l1ra}}}
-            for seed, lora, l1ra in ((43, 1.50, 1.48), (42, 1.40, 1.43), (44, 1.60, 1.60))}
+    docs = {
+        seed: {"methods": {"lora": {"eval_loss": lora}, "l1ra": {"eval_loss": l1ra}}}
+        for seed, lora, l1ra in ((43, 1.50, 1.48), (42, 1.40, 1.43), (44, 1.60, 1.60))
+    }
     summary = seeds.compare_seeds(docs)
     assert list(summary["eval_loss"]) == [42, 43, 44]
     assert summary["l1ra_minus_lora"] == pytest.approx([0.03, -0.02, 0.0])
@@ -163,10 +183,19 @@ def test_seed_script_refuses_the_options_it_sets():
 
 
 def test_results_document_and_table(tmp_path):
-    figures = {m: method_figures(m, metrics([3, 3, 1.0, 1.0], evals={4: 2.0}), RANKS, child_peak_bytes=2**30)
-               for m in ("lora", "l1ra", "adalora")}
-    settings = {"mode": "quick", "steps": 4, "batch_size": 4, "seq_len": 128, "budget": 16, "n_adapters": 4,
-                "quant": "nf4"}
+    figures = {
+        m: method_figures(m, metrics([3, 3, 1.0, 1.0], evals={4: 2.0}), RANKS, child_peak_bytes=2**30)
+        for m in ("lora", "l1ra", "adalora")
+    }
+    settings = {
+        "mode": "quick",
+        "steps": 4,
+        "batch_size": 4,
+        "seq_len": 128,
+        "budget": 16,
+        "n_adapters": 4,
+        "quant": "nf4",
+    }
     doc = results_document(settings, {"device": "cpu"}, figures, full_run=False)
     text = json.dumps(doc)  # JSON-ready
     assert json.loads(text)["ratios"]["step_time_l1ra_over_lora"] == 1.0
@@ -223,8 +252,12 @@ def test_settings_and_commands_differ_only_in_the_method_and_its_own_lr_and_alph
 def test_peak_memory_is_measured_per_child(tmp_path):
     """Each child's own high-water mark, not the largest of all children so far."""
     env = run.child_env(1)
-    big = run.run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
-                        tmp_path / "big.log", 60, env)
+    big = run.run_child(
+        [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+        tmp_path / "big.log",
+        60,
+        env,
+    )
     small = run.run_child([sys.executable, "-c", "pass"], tmp_path / "small.log", 60, env)
     assert big.returncode == 0 and small.returncode == 0
     assert big.peak_rss_bytes > 300 * 2**20
@@ -301,8 +334,14 @@ def test_the_sweep_order_puts_the_recommended_rates_first_then_the_extremes():
     order = lr_sweep.sweep_order(["lora", "l1ra", "adalora"], lrs)
     assert sorted(order) == sorted((m, lr) for m in ("lora", "l1ra", "adalora") for lr in lrs)  # each once
     assert order[:3] == [("adalora", 5e-4), ("lora", 2e-4), ("l1ra", 2e-4)]
-    assert order[3:9] == [("adalora", 2e-3), ("lora", 2e-3), ("l1ra", 2e-3),
-                          ("adalora", 1e-4), ("lora", 1e-4), ("l1ra", 1e-4)]
+    assert order[3:9] == [
+        ("adalora", 2e-3),
+        ("lora", 2e-3),
+        ("l1ra", 2e-3),
+        ("adalora", 1e-4),
+        ("lora", 1e-4),
+        ("l1ra", 1e-4),
+    ]
     assert lr_sweep.sweep_order(["lora"], [3e-4, 1e-3])[0] == ("lora", 3e-4)  # the grid point nearest 2e-4
 
 
@@ -396,8 +435,9 @@ def test_one_sweep_at_a_time_even_when_only_its_run_is_left(tmp_path):
 def test_a_run_that_some_process_trains_is_shown_running_and_not_started_twice(tmp_path):
     run_dir = tmp_path / "runs" / "lora-lr0.001"
     write_run(run_dir, 30, checkpoint=True)
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                "l1ra_lite", "finetune", "--resume", str(run_dir)])
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "l1ra_lite", "finetune", "--resume", str(run_dir)]
+    )
     try:
         time.sleep(0.5)
         assert lr_sweep.training_now(run_dir) == trainer.pid
@@ -416,12 +456,34 @@ def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp
 
     save_tiny_base(tmp_path / "base")
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n"
-                            for i in range(60)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n" for i in range(60))
+    )
     sweep_dir, results = tmp_path / "sweep", tmp_path / "sweep.json"
-    args = ["--sweep-dir", str(sweep_dir), "--results", str(results), "--methods", "lora", "--lrs", "1e-3,4e-3",
-            "--threads", "1", "--save-every", "2", "--model", str(tmp_path / "base"), "--data", str(data),
-            "--quant", "none", "--steps", "4", "--seq-len", "48"]
+    args = [
+        "--sweep-dir",
+        str(sweep_dir),
+        "--results",
+        str(results),
+        "--methods",
+        "lora",
+        "--lrs",
+        "1e-3,4e-3",
+        "--threads",
+        "1",
+        "--save-every",
+        "2",
+        "--model",
+        str(tmp_path / "base"),
+        "--data",
+        str(data),
+        "--quant",
+        "none",
+        "--steps",
+        "4",
+        "--seq-len",
+        "48",
+    ]
     assert lr_sweep.main([*args, "--max-runs", "1"]) == 0
     doc = json.loads(results.read_text())
     assert [r["status"] for r in doc["runs"]] == ["finished", "absent"]  # 1e-3 is nearest to 2e-4
@@ -457,21 +519,29 @@ def test_recipe_selection(tmp_path):
     write_recipe(tmp_path, "rtx4060-8gb-mistral7b", "mistral-7b", 512, 1, 224)
     write_recipe(tmp_path, "rtx3060-12gb-llama", "llama-3.1-8b", 1024, 1)
     assert gpu_bench.recipe_settings([tmp_path]) == [
-        ("rtx3060-12gb-mistral7b", 1024, 1, 448), ("rtx4090-24gb-mistral7b", 2048, 2, None)]
-    assert gpu_bench.recipe_settings([tmp_path], ["rtx4060-8gb-mistral7b"]) == [
-        ("rtx4060-8gb-mistral7b", 512, 1, 224)]
+        ("rtx3060-12gb-mistral7b", 1024, 1, 448),
+        ("rtx4090-24gb-mistral7b", 2048, 2, None),
+    ]
+    assert gpu_bench.recipe_settings([tmp_path], ["rtx4060-8gb-mistral7b"]) == [("rtx4060-8gb-mistral7b", 512, 1, 224)]
     with pytest.raises(SystemExit, match="not found"):
         gpu_bench.recipe_settings([tmp_path], ["nope"])
     (tmp_path / "rtx4090-24gb-mistral7b.toml").unlink()  # no 24 GB one: smallest and largest
-    assert [s[0] for s in gpu_bench.recipe_settings([tmp_path])] == [
-        "rtx4060-8gb-mistral7b", "rtx3060-12gb-mistral7b"]
+    assert [s[0] for s in gpu_bench.recipe_settings([tmp_path])] == ["rtx4060-8gb-mistral7b", "rtx3060-12gb-mistral7b"]
 
 
 def test_gpu_comparison_and_estimate_rows():
-    l1ra = {"tokens_per_s": 1100.0, "trainable_state_bytes": 90, "peak_allocated_bytes": 990,
-            "peak_reserved_bytes": 1200}
-    lora = {"tokens_per_s": 1000.0, "trainable_state_bytes": 100, "peak_allocated_bytes": 1000,
-            "peak_reserved_bytes": 1000}
+    l1ra = {
+        "tokens_per_s": 1100.0,
+        "trainable_state_bytes": 90,
+        "peak_allocated_bytes": 990,
+        "peak_reserved_bytes": 1200,
+    }
+    lora = {
+        "tokens_per_s": 1000.0,
+        "trainable_state_bytes": 100,
+        "peak_allocated_bytes": 1000,
+        "peak_reserved_bytes": 1000,
+    }
     c = gpu_bench.compare(l1ra, lora)
     assert c["tokens_per_s_l1ra_over_lora"] == pytest.approx(1.1)
     assert c["peak_l1ra_over_lora"] == pytest.approx(0.99)
@@ -481,8 +551,11 @@ def test_gpu_comparison_and_estimate_rows():
 
     row = gpu_bench.estimate_row("x", gpu_bench.TINY, 64, 1, 28, None)
     assert row["budget"] == 28 and row["estimate_total_bytes"] > row["estimate_allocated_bytes"] > 0
-    measured = {"peak_allocated_bytes": int(row["estimate_allocated_bytes"] * 1.1),
-                "peak_reserved_bytes": 100, "context_bytes": 50}
+    measured = {
+        "peak_allocated_bytes": int(row["estimate_allocated_bytes"] * 1.1),
+        "peak_reserved_bytes": 100,
+        "context_bytes": 50,
+    }
     row = gpu_bench.estimate_row("x", gpu_bench.TINY, 64, 1, 28, measured)
     assert row["allocated_over_estimate"] == pytest.approx(1.1, rel=1e-4)
     assert row["within_tolerance"] is True and row["measured_device_peak_bytes"] == 150
@@ -496,12 +569,29 @@ def test_gpu_script_cpu_path_runs_what_the_cpu_can_and_skips_the_rest(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--device", "cpu", "--jobs", "2",
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--device", "cpu", "--jobs", "2", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert list(doc["status"]) == ["pytest_cuda", "layer", "l1ra", "realloc_memory", "lora", "train_resume",
-                                   "oom_step", "oom_eval", "sync", "estimate-tiny-a", "estimate-tiny-b"]
+    assert list(doc["status"]) == [
+        "pytest_cuda",
+        "layer",
+        "l1ra",
+        "realloc_memory",
+        "lora",
+        "train_resume",
+        "oom_step",
+        "oom_eval",
+        "sync",
+        "estimate-tiny-a",
+        "estimate-tiny-b",
+    ]
     ran = {k: v for k, v in doc["status"].items() if v != "skipped"}
     assert ran == {"layer": "ok", "l1ra": "ok", "lora": "ok", "train_resume": "ok"}
     for name in ("pytest_cuda", "oom_step", "oom_eval", "sync"):
@@ -568,14 +658,19 @@ def test_gpu_script_parts_degrade_to_recorded_errors(tmp_path):
     def broken(ctx, timeout):
         raise RuntimeError("the GPU caught fire")
 
-    parts = [gpu_bench.Part("first", "checks", good), gpu_bench.Part("broken", "checks", broken),
-             gpu_bench.Part("cuda", "checks", good, cuda_only="a GPU"),
-             gpu_bench.Part("slow", "checks", good, min_s=1e6), gpu_bench.Part("last", "checks", good)]
+    parts = [
+        gpu_bench.Part("first", "checks", good),
+        gpu_bench.Part("broken", "checks", broken),
+        gpu_bench.Part("cuda", "checks", good, cuda_only="a GPU"),
+        gpu_bench.Part("slow", "checks", good, min_s=1e6),
+        gpu_bench.Part("last", "checks", good),
+    ]
     out = tmp_path / "r.json"
     doc = {"status": {}, "runs": {}, "checks": {}}
     ctx = gpu_bench.Context(tiny=True, device="cpu", workdir=tmp_path)
-    gpu_bench.run_all(parts, ctx, doc, deadline=100.0, out=out, started=time.perf_counter(), shape=gpu_bench.TINY,
-                      settings=[])
+    gpu_bench.run_all(
+        parts, ctx, doc, deadline=100.0, out=out, started=time.perf_counter(), shape=gpu_bench.TINY, settings=[]
+    )
     assert doc["status"] == {"first": "ok", "broken": "error", "cuda": "skipped", "slow": "not_run", "last": "ok"}
     assert "the GPU caught fire" in doc["checks"]["broken"]["error"] and doc["checks"]["broken"]["traceback"]
     assert "needs CUDA (a GPU)" in doc["checks"]["cuda"]["reason"]
@@ -589,11 +684,13 @@ def test_gpu_script_parts_degrade_to_recorded_errors(tmp_path):
 
 
 def test_cast_counts_tell_activations_from_weights():
-    records = [("_to_copy", "torch.bfloat16", "torch.float32", (1, 96, 64), 96 * 64 * 4),
-               ("_to_copy", "torch.float32", "torch.bfloat16", (1, 96, 64), 96 * 64 * 2),
-               ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
-               ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
-               ("copy_", "torch.bfloat16", "torch.float32", (96, 224), 96 * 224 * 4)]
+    records = [
+        ("_to_copy", "torch.bfloat16", "torch.float32", (1, 96, 64), 96 * 64 * 4),
+        ("_to_copy", "torch.float32", "torch.bfloat16", (1, 96, 64), 96 * 64 * 2),
+        ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
+        ("_to_copy", "torch.float32", "torch.bfloat16", (4, 64), 512),
+        ("copy_", "torch.bfloat16", "torch.float32", (96, 224), 96 * 224 * 4),
+    ]
     s = gpu_checks.summarise_casts(records, tokens=96, ops=40)
     assert (s["ops"], s["casts"], s["activation_casts"], s["activation_to_fp32"]) == (40, 5, 3, 2)
     assert s["activation_cast_bytes"] == 96 * 64 * 6 + 96 * 224 * 4
@@ -623,19 +720,25 @@ def test_sync_counts_per_step():
     marks = [("start", 3), (1, 6), (2, 7), (3, 10)]
     assert gpu_checks.count_syncs(flags, marks) == {"setup": 2, "per_step": {1: 3, 2: 0, 3: 2}, "after_last_step": 1}
     assert gpu_checks.short_location(str(ROOT / "l1ra_lite" / "train.py"), 12) == "l1ra_lite/train.py:12"
-    assert gpu_checks.short_location("/x/site-packages/torch/nn/utils/clip_grad.py", 3) == \
-        "torch/nn/utils/clip_grad.py:3"
+    assert (
+        gpu_checks.short_location("/x/site-packages/torch/nn/utils/clip_grad.py", 3) == "torch/nn/utils/clip_grad.py:3"
+    )
 
 
 def test_oom_contract_is_judged_on_the_cli_output():
-    good = ("l1ra-lite: starting l1ra run in x\n"
-            "l1ra-lite finetune: error: CUDA out of memory at step 3 with batch size 2 ...; "
-            "checkpoint of step 2 kept\n")
+    good = (
+        "l1ra-lite: starting l1ra run in x\n"
+        "l1ra-lite finetune: error: CUDA out of memory at step 3 with batch size 2 ...; "
+        "checkpoint of step 2 kept\n"
+    )
     assert gpu_checks.judge_oom_output(2, good)["problems"] == []
     traceback_run = "Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory.\n"
     problems = gpu_checks.judge_oom_output(1, traceback_run)["problems"]
-    assert problems == ["exit code 1, expected 2", "0 lines start with 'l1ra-lite finetune: error:', expected 1",
-                        "a traceback on stderr"]
+    assert problems == [
+        "exit code 1, expected 2",
+        "0 lines start with 'l1ra-lite finetune: error:', expected 1",
+        "a traceback on stderr",
+    ]
     other = gpu_checks.judge_oom_output(2, "l1ra-lite finetune: error: cannot write to x\n")["problems"]
     assert other == ["the error line does not say 'out of memory'"]
 
@@ -650,7 +753,12 @@ def test_checkpoint_on_disk_verifies_the_latest(tmp_path):
     saved = ckpt.Checkpoint({"a": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, state)
     ckpt.save_checkpoint(tmp_path, 2, saved, keep=2)
     assert gpu_checks.checkpoint_on_disk(tmp_path) == {
-        "intact": True, "latest": "checkpoint-2", "step": 2, "temporary_leftovers": [], "all": ["checkpoint-2"]}
+        "intact": True,
+        "latest": "checkpoint-2",
+        "step": 2,
+        "temporary_leftovers": [],
+        "all": ["checkpoint-2"],
+    }
     with open(tmp_path / "checkpoint-2" / "trainable.safetensors", "r+b") as f:  # one flipped byte
         f.seek(-1, 2)
         last = f.read(1)
@@ -690,9 +798,9 @@ def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tm
     real = loss.causal_lm_loss
 
     def syncing_loss(model, batch, *args, **kwargs):
-        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
         out = real(model, batch, *args, **kwargs)
-        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
         return out
 
     monkeypatch.setattr(loss, "causal_lm_loss", syncing_loss)
@@ -715,8 +823,10 @@ def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tm
 
 def test_pytest_cuda_part_runs_pytest_and_reads_its_report(tmp_path):
     tests = tmp_path / "test_marked.py"
-    tests.write_text("import pytest\n\n@pytest.mark.cuda\ndef test_passes():\n    pass\n\n"
-                     "@pytest.mark.cuda\ndef test_fails():\n    assert 1 == 2\n\ndef test_unmarked():\n    pass\n")
+    tests.write_text(
+        "import pytest\n\n@pytest.mark.cuda\ndef test_passes():\n    pass\n\n"
+        "@pytest.mark.cuda\ndef test_fails():\n    assert 1 == 2\n\ndef test_unmarked():\n    pass\n"
+    )
     r = gpu_checks.pytest_cuda_check(tmp_path, 120, dict(os.environ), files=[str(tests)])
     assert r["status"] == "failed" and (r["passed"], r["failed"], r["total"]) == (1, 1, 2)
     assert r["failing"][0]["test"].endswith("::test_fails") and r["output_tail"]
@@ -734,7 +844,8 @@ def test_pytest_junit_counts_and_the_cuda_test_files():
     assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"], counts["total"]) == (2, 1, 1, 1, 5)
     assert counts["failing"] == [
         {"test": "tests.test_loss::test_b", "kind": "failure", "message": "assert 1 == 2"},
-        {"test": "tests.test_x::test_d", "kind": "error", "message": "collection failure"}]
+        {"test": "tests.test_x::test_d", "kind": "error", "message": "collection failure"},
+    ]
     assert {"tests/test_l1ra_nf4.py", "tests/test_loss.py"} <= set(gpu_checks.cuda_test_files())
 
 
@@ -742,8 +853,12 @@ def test_loss_memory_script_measures_both_losses(tmp_path, capsys):
     from bench import loss_memory
 
     out = tmp_path / "loss.json"
-    assert loss_memory.main(["--vocab", "2048", "--hidden", "32", "--tokens", "128", "--device", "cpu",
-                             "--json", str(out)]) == 0
+    assert (
+        loss_memory.main(
+            ["--vocab", "2048", "--hidden", "32", "--tokens", "128", "--device", "cpu", "--json", str(out)]
+        )
+        == 0
+    )
     figures = json.loads(out.read_text())["peak_bytes"]
     assert set(figures) == {"transformers", "chunked"} and all(v >= 0 for v in figures.values())
     assert "chunked / transformers" in capsys.readouterr().out

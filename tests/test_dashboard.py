@@ -29,8 +29,15 @@ from l1ra_lite.ui.dashboard import (
 from l1ra_lite.ui.rank_views import RankHeatMap
 
 GIB = 1024**3
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 K0 = "model.layers.0.self_attn.k_proj"
 UP1 = "model.layers.1.mlp.up_proj"
 
@@ -45,9 +52,17 @@ def cpu_memory() -> MemoryStats:
 
 def step_event(step: int, memory: MemoryStats | None = None, rank_total: int = 56) -> StepLogged:
     return StepLogged(
-        step=step, total_steps=100, epoch=step / 50, loss=3.0 - 0.1 * step, lr=2e-4, grad_norm=1.0,
-        tokens_per_s=1234.5, elapsed_s=2.0 * step, memory=memory or cpu_memory(),
-        adapter_bytes=5 * 1024**2, rank_total=rank_total,
+        step=step,
+        total_steps=100,
+        epoch=step / 50,
+        loss=3.0 - 0.1 * step,
+        lr=2e-4,
+        grad_norm=1.0,
+        tokens_per_s=1234.5,
+        elapsed_s=2.0 * step,
+        memory=memory or cpu_memory(),
+        adapter_bytes=5 * 1024**2,
+        rank_total=rank_total,
     )
 
 
@@ -58,12 +73,24 @@ def scripted_events() -> list:
     ranks = start_ranks()
     after = dict(ranks)
     after[K0], after[UP1] = 1, 7
-    events = [RunStarted(model="tiny", method="l1ra", output_dir="runs/tiny", total_steps=100,
-                         steps_per_epoch=50, budget=56, ranks=ranks, update_every=5, next_update=5,
-                         device="cpu")]
+    events = [
+        RunStarted(
+            model="tiny",
+            method="l1ra",
+            output_dir="runs/tiny",
+            total_steps=100,
+            steps_per_epoch=50,
+            budget=56,
+            ranks=ranks,
+            update_every=5,
+            next_update=5,
+            device="cpu",
+        )
+    ]
     events += [step_event(s) for s in range(1, 6)]
-    events.append(Reallocated(step=5, budget=56, pruned={K0: 3}, added={UP1: 3}, ranks=after,
-                              next_update=10, seconds=0.01))
+    events.append(
+        Reallocated(step=5, budget=56, pruned={K0: 3}, added={UP1: 3}, ranks=after, next_update=10, seconds=0.01)
+    )
     events += [step_event(s) for s in range(6, 8)]
     events.append(Evaluated(step=7, eval_loss=2.5, eval_ppl=12.18))
     events.append(CheckpointSaved(step=7, path="runs/tiny/checkpoint-7"))
@@ -111,9 +138,18 @@ def test_screen_shows_the_numbers_of_a_cpu_run_with_a_reallocation():
 
 
 def test_screen_before_any_step_and_with_reallocation_off():
-    started = RunStarted(model="tiny", method="lora", output_dir="runs/t", total_steps=10,
-                         steps_per_epoch=10, budget=56, ranks=start_ranks(), update_every=0,
-                         next_update=None, device="cpu")
+    started = RunStarted(
+        model="tiny",
+        method="lora",
+        output_dir="runs/t",
+        total_steps=10,
+        steps_per_epoch=10,
+        budget=56,
+        ranks=start_ranks(),
+        update_every=0,
+        next_update=None,
+        device="cpu",
+    )
     text = draw(render(state_after([started])))
     assert "0/10" in text
     assert "waiting for the first step" in text
@@ -123,8 +159,9 @@ def test_screen_before_any_step_and_with_reallocation_off():
 
 
 def test_cuda_memory_is_shown_against_the_card_and_turns_red_near_the_limit():
-    near_full = MemoryStats(device="cuda", allocated=int(9.5 * GIB), reserved=int(11.2 * GIB),
-                            peak=int(10.9 * GIB), total=12 * GIB)
+    near_full = MemoryStats(
+        device="cuda", allocated=int(9.5 * GIB), reserved=int(11.2 * GIB), peak=int(10.9 * GIB), total=12 * GIB
+    )
     state = state_after(scripted_events() + [step_event(8, near_full)])
     text = draw(render(state))
     assert "memory (cuda)" in text
@@ -175,9 +212,19 @@ def test_sparkline_keeps_the_last_losses():
 
 
 def test_the_next_reallocation_shown_is_the_one_the_events_name():
-    resumed = RunStarted(model="tiny", method="l1ra", output_dir="runs/t", total_steps=100, steps_per_epoch=50,
-                         budget=56, ranks=start_ranks(), update_every=20, next_update=40, device="cpu",
-                         start_step=25)
+    resumed = RunStarted(
+        model="tiny",
+        method="l1ra",
+        output_dir="runs/t",
+        total_steps=100,
+        steps_per_epoch=50,
+        budget=56,
+        ranks=start_ranks(),
+        update_every=20,
+        next_update=40,
+        device="cpu",
+        start_step=25,
+    )
     assert state_after([resumed]).next_update == 40
     assert "step 40" in draw(render(state_after([resumed])))
     last = Reallocated(step=80, budget=56, pruned={}, added={}, ranks=start_ranks(), next_update=None, seconds=0.0)
@@ -198,12 +245,22 @@ def test_plain_lines_when_the_console_is_not_a_terminal():
     step_lines = [line for line in lines if line.startswith("step ")]
     assert len(step_lines) == 7  # one per logged step
     last = step_lines[-1]
-    for part in ("step 7/100", "epoch 0.14", "loss 2.3000", "lr 2.00e-04", "tok/s 1,234",
-                 "rss 1.50 GiB", "adapter 5.00 MiB", "rank 56/56", "eta 03:06"):
+    for part in (
+        "step 7/100",
+        "epoch 0.14",
+        "loss 2.3000",
+        "lr 2.00e-04",
+        "tok/s 1,234",
+        "rss 1.50 GiB",
+        "adapter 5.00 MiB",
+        "rank 56/56",
+        "eta 03:06",
+    ):
         assert part in last, part
     realloc = next(line for line in lines if line.startswith("realloc "))
-    assert realloc.startswith("realloc step 5: pruned 3, added 3, rank 56/56 "
-                              "(q 8 k 5 v 8 o 8 gate 8 up 11 down 8), next at step 10")
+    assert realloc.startswith(
+        "realloc step 5: pruned 3, added 3, rank 56/56 (q 8 k 5 v 8 o 8 gate 8 up 11 down 8), next at step 10"
+    )
     assert "eval step 7: loss 2.5000 ppl 12.18" in lines
     assert "checkpoint step 7: runs/tiny/checkpoint-7" in lines
     assert lines[-1].startswith("finished 100 steps") and "runs/tiny/adapter" in lines[-1]
@@ -214,8 +271,9 @@ def test_plain_lines_when_the_console_is_not_a_terminal():
 def test_plain_flag_wins_on_a_terminal_and_cuda_lines_show_the_card():
     out = io.StringIO()
     console = Console(file=out, width=80, force_terminal=True)
-    cuda = MemoryStats(device="cuda", allocated=int(9.5 * GIB), reserved=int(11.2 * GIB),
-                       peak=int(10.9 * GIB), total=12 * GIB)
+    cuda = MemoryStats(
+        device="cuda", allocated=int(9.5 * GIB), reserved=int(11.2 * GIB), peak=int(10.9 * GIB), total=12 * GIB
+    )
     with open_display(plain=True, console=console) as report:
         report(scripted_events()[0])
         report(step_event(1, cuda))

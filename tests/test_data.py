@@ -24,7 +24,6 @@ from l1ra_lite.data import (
     truncate,
 )
 from l1ra_lite.errors import UserError
-
 from tests.tiny import EOS, SMOLLM2_TEMPLATE, build_tokenizer  # noqa: E402
 
 
@@ -125,8 +124,14 @@ def test_json_file_with_one_object_per_line_is_read_as_jsonl(tmp_path):
 
 def test_format_detected_for_each_row_kind(tmp_path):
     source = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "unanswered"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "unanswered"},
+            ]
+        },
         {"instruction": "Say yes.", "output": "Yes."},
         {"prompt": "Two plus two?", "completion": "Four."},
         {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]},
@@ -164,10 +169,17 @@ def test_labels_cover_exactly_the_assistant_answers(tok):
 
 def test_instruction_and_prompt_completion_rows_learn_only_the_answer(tok):
     rows = [
-        {"format": "instruction", "messages": [{"role": "user", "content": "Translate.\n\nhello"},
-                                               {"role": "assistant", "content": "bonjour"}]},
-        {"format": "prompt_completion", "messages": [{"role": "user", "content": "2+2?"},
-                                                     {"role": "assistant", "content": " Four"}]},
+        {
+            "format": "instruction",
+            "messages": [
+                {"role": "user", "content": "Translate.\n\nhello"},
+                {"role": "assistant", "content": "bonjour"},
+            ],
+        },
+        {
+            "format": "prompt_completion",
+            "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " Four"}],
+        },
     ]
     examples, _ = encode_rows(rows, tok)
     assert labelled_runs(tok, examples[0]) == ["bonjour" + EOS]
@@ -196,8 +208,12 @@ def test_template_that_rewrites_earlier_turns_still_masks_the_answer():
     # do not line up with it: the answer is then found in the text itself.
     template = "{{ messages|length }}\n" + SMOLLM2_TEMPLATE
     tokenizer = build_tokenizer(template)
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello world"},
-                {"role": "user", "content": "again"}, {"role": "assistant", "content": "hello again"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "hello again"},
+    ]
     (example,), _ = encode_rows([{"format": "chat", "messages": messages}], tokenizer)
     assert labelled_runs(tokenizer, example) == ["hello world" + EOS, "hello again" + EOS]
 
@@ -208,8 +224,13 @@ def test_tokenizer_without_offsets_gives_the_same_labels(tok):
 
     slow = NoOffsets(tokenizer_object=tok.backend_tokenizer, eos_token=EOS, pad_token="<|endoftext|>")
     slow.chat_template = SMOLLM2_TEMPLATE
-    row = {"format": "chat", "messages": [{"role": "user", "content": "What is the capital?"},
-                                          {"role": "assistant", "content": "Paris, of course."}]}
+    row = {
+        "format": "chat",
+        "messages": [
+            {"role": "user", "content": "What is the capital?"},
+            {"role": "assistant", "content": "Paris, of course."},
+        ],
+    }
     assert encode_rows([row], slow)[0] == encode_rows([row], tok)[0]
 
 
@@ -219,8 +240,13 @@ def test_template_errors_are_bad_rows_with_their_position(tmp_path):
     tokenizer = build_tokenizer(template)
     rows = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": "hello"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
         {"text": "the capital"},
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -251,22 +277,35 @@ CONVERSATION = [
 ]
 EVERY_ROW_KIND = [
     {"format": "chat", "messages": CONVERSATION},
-    {"format": "instruction", "messages": [{"role": "user", "content": "Translate.\n\nhello"},
-                                           {"role": "assistant", "content": "bonjour"}]},
-    {"format": "prompt_completion", "messages": [{"role": "user", "content": "2+2?"},
-                                                 {"role": "assistant", "content": " Four"}]},
+    {
+        "format": "instruction",
+        "messages": [{"role": "user", "content": "Translate.\n\nhello"}, {"role": "assistant", "content": "bonjour"}],
+    },
+    {
+        "format": "prompt_completion",
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " Four"}],
+    },
     {"format": "text", "text": "hello world"},
 ]
-ANSWERS = [["The capital of France is Paris." + EOS, "Rome, today." + EOS], ["bonjour" + EOS], [" Four" + EOS],
-           ["hello world" + EOS]]
+ANSWERS = [
+    ["The capital of France is Paris." + EOS, "Rome, today." + EOS],
+    ["bonjour" + EOS],
+    [" Four" + EOS],
+    ["hello world" + EOS],
+]
 
 
 def build_bos_tokenizer(template=None):
     """Like Llama 3.1 base: a tokenizer that puts BOS in front of every text it encodes."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer().backend_tokenizer, bos_token=BOS,
-                                        eos_token=EOS, pad_token="<|endoftext|>", add_bos_token=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer().backend_tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token="<|endoftext|>",
+        add_bos_token=True,
+    )
     tokenizer.chat_template = template
     return tokenizer
 
@@ -301,7 +340,7 @@ def test_every_row_kind_starts_with_one_unlearned_bos_when_the_tokenizer_adds_on
         # exactly what the tokenizer makes of the text with its own special tokens (plus
         # the document's EOS for plain text); a BOS the template may write is not doubled
         text = rendered(base_tok, row)
-        text = text[len(BOS):] if text.startswith(BOS) else text
+        text = text[len(BOS) :] if text.startswith(BOS) else text
         expected = base_tok(text)["input_ids"]
         assert ids == expected + ([base_tok.eos_token_id] if row["format"] == "text" else [])
         assert labelled_runs(base_tok, example) == answers
@@ -320,8 +359,12 @@ def build_gpt2_style_tokenizer():
     """Like GPT-2 or SmolLM2 base: a bos_token (<|endoftext|>) that the tokenizer never adds."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer().backend_tokenizer,
-                                        bos_token="<|endoftext|>", eos_token=EOS, pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer().backend_tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token=EOS,
+        pad_token="<|endoftext|>",
+    )
     tokenizer.chat_template = SMOLLM2_TEMPLATE
     return tokenizer
 
@@ -358,8 +401,13 @@ def test_bos_is_the_same_without_character_offsets(base_tok):
     class NoOffsets(type(base_tok)):
         is_fast = False  # take the piece-by-piece path
 
-    slow = NoOffsets(tokenizer_object=base_tok.backend_tokenizer, bos_token=BOS, eos_token=EOS,
-                     pad_token="<|endoftext|>", add_bos_token=True)
+    slow = NoOffsets(
+        tokenizer_object=base_tok.backend_tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token="<|endoftext|>",
+        add_bos_token=True,
+    )
     slow.chat_template = base_tok.chat_template
     examples, _ = encode_rows(EVERY_ROW_KIND, slow)
     assert examples == encode_rows(EVERY_ROW_KIND, base_tok)[0]
@@ -367,8 +415,10 @@ def test_bos_is_the_same_without_character_offsets(base_tok):
 
 
 def test_packed_stream_keeps_one_unlearned_bos_per_example(base_tok, tmp_path):
-    rows = [{"text": f"hello world {i}"} if i % 4 == 1 else {"instruction": f"Question {i}?", "output": f"Answer {i}."}
-            for i in range(16)]
+    rows = [
+        {"text": f"hello world {i}"} if i % 4 == 1 else {"instruction": f"Question {i}?", "output": f"Answer {i}."}
+        for i in range(16)
+    ]
     path = str(write_jsonl(tmp_path / "d.jsonl", rows))
     plain = prepare_data(path, base_tok, 64, False, 0.0, 0, seed=0)
     packed = prepare_data(path, base_tok, 64, True, 0.0, 0, seed=0)
@@ -398,9 +448,11 @@ def test_training_and_the_gguf_export_agree_on_bos(base_tok, tmp_path):
 
     from l1ra_lite.export.gguf_vocab import add_vocab
 
-    cases = {"adds BOS, fallback template": base_tok,
-             "adds BOS, template writes it": build_bos_tokenizer(LLAMA3_STYLE_TEMPLATE),
-             "no BOS": build_gpt2_style_tokenizer()}
+    cases = {
+        "adds BOS, fallback template": base_tok,
+        "adds BOS, template writes it": build_bos_tokenizer(LLAMA3_STYLE_TEMPLATE),
+        "no BOS": build_gpt2_style_tokenizer(),
+    }
     for name, tokenizer in cases.items():
         folder = tmp_path / name.replace(" ", "-").replace(",", "")
         tokenizer.save_pretrained(folder)
@@ -416,7 +468,7 @@ def test_training_and_the_gguf_export_agree_on_bos(base_tok, tmp_path):
         assert add_bos == (name != "no BOS"), name
         text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
         if add_bos and text.startswith(tokenizer.bos_token):
-            text = text[len(tokenizer.bos_token):]
+            text = text[len(tokenizer.bos_token) :]
         bos_id = fields["tokenizer.ggml.bos_token_id"].contents()
         inference = [bos_id] * add_bos + tokenizer(text, add_special_tokens=False)["input_ids"]
         (example,), _ = encode_rows([{"format": "chat", "messages": CONVERSATION}], tokenizer)
@@ -546,9 +598,7 @@ def test_epoch_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_collate_pads_to_the_longest():
-    batch = collate(
-        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0
-    )
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -570,16 +620,19 @@ def one_line_error(call) -> str:
 def test_bad_jsonl_rows_named_by_line_number(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(
-        "\n".join([
-            json.dumps({"text": "fine"}),  # line 1
-            "",  # line 2, blank: ignored
-            json.dumps({"question": "?", "answer": "!"}),  # line 3: no recognised fields
-            "{not json",  # line 4
-            json.dumps(["a list"]),  # line 5: not an object
-            json.dumps({"instruction": "Do it.", "output": "  "}),  # line 6: empty answer
-            json.dumps({"messages": "hi"}),  # line 7: wrong type
-            json.dumps({"prompt": "p", "completion": "c"}),  # line 8
-        ]) + "\n",
+        "\n".join(
+            [
+                json.dumps({"text": "fine"}),  # line 1
+                "",  # line 2, blank: ignored
+                json.dumps({"question": "?", "answer": "!"}),  # line 3: no recognised fields
+                "{not json",  # line 4
+                json.dumps(["a list"]),  # line 5: not an object
+                json.dumps({"instruction": "Do it.", "output": "  "}),  # line 6: empty answer
+                json.dumps({"messages": "hi"}),  # line 7: wrong type
+                json.dumps({"prompt": "p", "completion": "c"}),  # line 8
+            ]
+        )
+        + "\n",
         encoding="utf-8",
     )
     message = one_line_error(lambda: load_rows(str(path)))
@@ -675,14 +728,18 @@ def test_embedded_corpus_loads_its_conversations():
     assert 2000 <= len(rows) <= 2030 and stats.format == "chat"
     assert stats.rows_read == 2026 and stats.bad_rows == 1  # trivia.yml has one malformed entry
     assert all(row["messages"][0]["role"] == "user" and row["messages"][-1]["role"] == "assistant" for row in rows)
-    assert all(row["messages"][i]["role"] == ("user", "assistant")[i % 2] for row in rows
-               for i in range(len(row["messages"])))
+    assert all(
+        row["messages"][i]["role"] == ("user", "assistant")[i % 2] for row in rows for i in range(len(row["messages"]))
+    )
     first = rows[0]
     assert first["where"] == "ai.yml conversation 1"
     assert first["messages"] == [
         {"role": "user", "content": "What is AI?"},
-        {"role": "assistant", "content": "Artificial Intelligence is the branch of engineering and science "
-                                         "devoted to constructing machines that think."},
+        {
+            "role": "assistant",
+            "content": "Artificial Intelligence is the branch of engineering and science "
+            "devoted to constructing machines that think.",
+        },
     ]
 
 
@@ -702,8 +759,9 @@ def test_embedded_corpus_prepares_quickly(tok):
 
 def test_missing_corpus_wheel_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "chatterbot_corpus" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "chatterbot_corpus" else real(name, *a)
+    )
     message = one_line_error(lambda: load_rows(None))
     assert "pip install --no-deps chatterbot-corpus" in message
 

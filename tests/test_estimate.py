@@ -21,7 +21,6 @@ from l1ra_lite.estimate import (
     nf4_bytes,
     resolve_model_config,
 )
-
 from tests.tiny import tiny_llama_config  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,9 +49,7 @@ def test_nf4_bytes_match_what_bitsandbytes_stores():
 
     for rows, cols in ((64, 96), (128, 4096), (300, 7)):
         weight = torch.randn(rows, cols, dtype=torch.bfloat16)
-        packed, state = functional.quantize_4bit(
-            weight, blocksize=64, compress_statistics=True, quant_type="nf4"
-        )
+        packed, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         tensors = [packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
         stored = sum(cuda_bytes(t.numel() * t.element_size()) for t in tensors)
         assert nf4_bytes(rows * cols) == stored
@@ -82,8 +79,15 @@ def test_mistral_parts_match_hand_counts(mistral):
 def test_models_whose_loss_is_not_chunked_count_every_logit():
     from transformers import Gemma2Config  # soft-capped logits: the model's own loss
 
-    config = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, vocab_size=128)
+    config = Gemma2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=128,
+    )
     est = estimate(config, budget=None, seq_len=64, batch_size=2)
     assert est.loss_phase_bytes == 128 * 128 * 14
 
@@ -123,7 +127,7 @@ def test_auto_bf16_and_fp16_give_the_16bit_counts(mistral):
 def test_fp32_doubles_the_16bit_values_and_nothing_else(mistral):
     settings = dict(budget=512, seq_len=2048, batch_size=1, expandable_segments=False)
     half, full = estimate(mistral, dtype="bf16", **settings), estimate(mistral, dtype="fp32", **settings)
-    h, i, layers, vocab = 4096, 14336, 32, 32768
+    h, layers, vocab = 4096, 32, 32768
     assert full.parts["weights_4bit"] == half.parts["weights_4bit"]
     assert full.parts["adapters"] == half.parts["adapters"]  # fp32 in any case
     sixteen = 2 * vocab * h + (2 * layers + 1) * h  # embeddings, head, norms: now 4 bytes each

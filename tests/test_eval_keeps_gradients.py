@@ -103,7 +103,8 @@ def test_weights_already_repacked_are_unpacked_for_training(tmp_path):
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
     original = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
     layer.weight.data, layer.weight.quant_state = F._convert_weight_packed_for_cpu(
-        layer.weight.data, layer.weight.quant_state)
+        layer.weight.data, layer.weight.quant_state
+    )
     assert layer.weight.quant_state.packing_format_for_cpu
 
     keep_4bit_layers_trainable(model)

@@ -46,7 +46,10 @@ def build_tokenizer():
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
@@ -68,10 +71,18 @@ def make_run(
 
     tokenizer = build_tokenizer()
     common = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tied, initializer_range=0.1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tied,
+        initializer_range=0.1,
     )
     torch.manual_seed(0)
     if model_type == "mistral":
@@ -85,7 +96,10 @@ def make_run(
     model = model.float()
     paths = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
     config = LoraConfig(
-        r=2, lora_alpha=3.0, target_modules=TARGETS, rank_pattern={p: rank_of(p) for p in paths},
+        r=2,
+        lora_alpha=3.0,
+        target_modules=TARGETS,
+        rank_pattern={p: rank_of(p) for p in paths},
         init_lora_weights=False,
     )
     peft_model = get_peft_model(model, config)
@@ -97,8 +111,14 @@ def make_run(
     peft_model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     run_config = {
-        "model": str(base), "quant": quant, "compute_dtype": compute_dtype, "trust_remote_code": False,
-        "base_model_path": str(base), "model_type": model_type, "total_steps": 1, "version": "0.1.0",
+        "model": str(base),
+        "quant": quant,
+        "compute_dtype": compute_dtype,
+        "trust_remote_code": False,
+        "base_model_path": str(base),
+        "model_type": model_type,
+        "total_steps": 1,
+        "version": "0.1.0",
     }
     (run / "config.json").write_text(json.dumps(run_config))
     return run
@@ -116,7 +136,9 @@ def peft_logits(run: Path, ids: torch.Tensor, nf4: bool = False, bnb_cpu_inferen
     kwargs = {}
     if nf4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
         kwargs["device_map"] = "cpu"
@@ -165,9 +187,13 @@ def test_nf4_round_trip_matches_transformers_4bit_loading(run_nf4):
     base = run_nf4.parent / "base"
     for compute in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=compute, device_map="cpu",
+            base,
+            dtype=compute,
+            device_map="cpu",
             quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute,
             ),
         )
@@ -315,8 +341,15 @@ def test_gguf_lora_reads_back_with_permutation_undone(run_none, tmp_path):
     assert len(tensors) == 28 and all(a.dtype == np.float32 for a in tensors.values())
 
     adapter = read_adapter(run_none / "adapter")
-    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    gguf_names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     heads = {"q_proj": 4, "k_proj": 2}
     for module in adapter.A:
         layer, proj = module.split(".")[2], module.rsplit(".", 1)[1]
@@ -406,9 +439,17 @@ def test_gguf_llama3_rope_scaling_writes_rope_freqs(tmp_path):
     from l1ra_lite.export.gguf_model import llama3_rope_factors
 
     config = LlamaConfig(
-        hidden_size=64, num_attention_heads=4, max_position_embeddings=1024, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     )
     factors = llama3_rope_factors(config)
     assert factors.shape == (8,)

@@ -12,25 +12,28 @@ from l1ra_lite.cli import main
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.l1ra import inject_adapters
 from l1ra_lite.train import Interrupted, train
-from tests.tiny import save_tiny_base
-
-ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"Answer: {2 * i}."} for i in range(48)]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    save_tiny_base(root / "base")
-    with open(root / "data.jsonl", "w") as f:
-        for row in ROWS:
-            f.write(json.dumps(row) + "\n")
-    return root
 
 
 def tiny_config(workdir, **overrides) -> FinetuneConfig:
-    values = dict(model=str(workdir / "base"), data=str(workdir / "data.jsonl"), quant="none", budget=28,
-                  max_steps=10, batch_size=4, grad_accum=2, seq_len=64, lr=5e-3, warmup=2, update_every=3,
-                  l1_lambda=6.0, eta_c=0.05, eval_every=5, save_every=5, seed=7, plain=True)
+    values = dict(
+        model=str(workdir / "base"),
+        data=str(workdir / "data.jsonl"),
+        quant="none",
+        budget=28,
+        max_steps=10,
+        batch_size=4,
+        grad_accum=2,
+        seq_len=64,
+        lr=5e-3,
+        warmup=2,
+        update_every=3,
+        l1_lambda=6.0,
+        eta_c=0.05,
+        eval_every=5,
+        save_every=5,
+        seed=7,
+        plain=True,
+    )
     values.update(overrides)
     return FinetuneConfig(**values)
 
@@ -98,7 +101,9 @@ def test_adapter_is_a_standard_lora_that_stock_peft_loads_with_equal_logits(work
     assert config["rank_pattern"] == ranks  # full module paths
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     assert set(tensors) == {f"base_model.model.{p}.lora_{x}.weight" for p in ranks for x in "AB"}
-    assert (adapter / "chat_template.jinja").exists() or "chat_template" in (adapter / "tokenizer_config.json").read_text()
+    assert (adapter / "chat_template.jinja").exists() or "chat_template" in (
+        adapter / "tokenizer_config.json"
+    ).read_text()
 
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -125,8 +130,7 @@ def run_with_a_stop(workdir, name, stop_at, resume_overrides=None, **overrides):
     run_dir = workdir / name
     run_dir.mkdir()
     with pytest.raises(Interrupted) as stopped:
-        train(tiny_config(workdir, **overrides), run_dir, lambda e: None, should_stop=stop_after(stop_at),
-              device="cpu")
+        train(tiny_config(workdir, **overrides), run_dir, lambda e: None, should_stop=stop_after(stop_at), device="cpu")
     assert stopped.value.step == stop_at
     assert json.loads((run_dir / "latest").read_text())["step"] == stop_at
     config = tiny_config(workdir, **{**overrides, **(resume_overrides or {})})
@@ -205,8 +209,9 @@ def test_stock_peft_methods_run_through_the_same_loop(workdir, method):
 
 
 def test_nf4_base_with_the_default_budget(workdir):
-    run_dir, adapter = run(workdir, "nf4", quant="nf4", budget=None, max_steps=3, update_every=0,
-                           save_every=0, eval_every=0)
+    run_dir, adapter = run(
+        workdir, "nf4", quant="nf4", budget=None, max_steps=3, update_every=0, save_every=0, eval_every=0
+    )
     ranks = json.loads((run_dir / "ranks.json").read_text())
     assert ranks["budget"] == 8 * 14 and set(ranks["ranks"].values()) == {8}
     assert json.loads((run_dir / "config.json").read_text())["quant"] == "nf4"
@@ -223,8 +228,23 @@ def cli(capsys, *args):
 
 def test_cli_runs_and_refuses_to_reuse_a_folder(workdir, capsys):
     out = workdir / "cli-run"
-    common = ["--model", workdir / "base", "--data", workdir / "data.jsonl", "--quant", "none",
-              "--max-steps", 2, "--budget", 14, "--seq-len", 64, "--plain", "--output", out]
+    common = [
+        "--model",
+        workdir / "base",
+        "--data",
+        workdir / "data.jsonl",
+        "--quant",
+        "none",
+        "--max-steps",
+        2,
+        "--budget",
+        14,
+        "--seq-len",
+        64,
+        "--plain",
+        "--output",
+        out,
+    ]
     code, err = cli(capsys, *common)
     assert code == 0 and (out / "adapter" / "adapter_model.safetensors").exists()
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -235,21 +255,23 @@ def test_cli_runs_and_refuses_to_reuse_a_folder(workdir, capsys):
     assert code == 2 and "differs from the run" in err[-1]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "gpt-17"], "unknown model alias 'gpt-17'; known aliases: "),
-    (["--data", "missing.jsonl"], "missing.jsonl"),
-    (["--budget", "5"], "smaller than the number of adapters (14)"),
-    (["--budget", "0"], "budget must be positive"),
-    (["--recipe", "nope"], "recipe 'nope' not found"),
-    (["--resume", "nowhere"], "not a run folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gpt-17"], "unknown model alias 'gpt-17'; known aliases: "),
+        (["--data", "missing.jsonl"], "missing.jsonl"),
+        (["--budget", "5"], "smaller than the number of adapters (14)"),
+        (["--budget", "0"], "budget must be positive"),
+        (["--recipe", "nope"], "recipe 'nope' not found"),
+        (["--resume", "nowhere"], "not a run folder"),
+    ],
+)
 def test_bad_input_gets_one_clear_line(workdir, capsys, tmp_path, args, message):
     defaults = {"--model": workdir / "base", "--data": workdir / "data.jsonl"}
     for i in range(0, len(args), 2):
         defaults.pop(args[i], None)
     extra = [x for kv in defaults.items() for x in kv] if "--resume" not in args else []
-    code, err = cli(capsys, *args, *extra, "--quant", "none", "--max-steps", 1, "--plain",
-                    "--output", tmp_path / "out")
+    code, err = cli(capsys, *args, *extra, "--quant", "none", "--max-steps", 1, "--plain", "--output", tmp_path / "out")
     assert code == 2
     assert len(err) >= 1 and message in err[-1] and "Traceback" not in "\n".join(err)
 
@@ -293,8 +315,18 @@ def test_hf_export_of_a_finished_run_equals_the_in_training_model(workdir, finis
 
 # ---------------------------------------------------------------- reallocation rules and the shrink window
 
-WINDOW = dict(realloc_rule="importance", shrink_until=0.6, log_gates=True, l1_lambda="auto", l1_kappa=1.5,
-              max_steps=12, update_every=2, warmup=1, eval_every=0, save_every=4)
+WINDOW = dict(
+    realloc_rule="importance",
+    shrink_until=0.6,
+    log_gates=True,
+    l1_lambda="auto",
+    l1_kappa=1.5,
+    max_steps=12,
+    update_every=2,
+    warmup=1,
+    eval_every=0,
+    save_every=4,
+)
 
 
 def test_the_importance_rule_with_a_window_moves_rank_then_folds_and_logs_the_evidence(workdir):
@@ -361,8 +393,17 @@ def test_adalora_rank_moves_during_training_and_ends_at_its_target_total(workdir
         return original(self, global_step)
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
-    run_dir, adapter = run(workdir, "adalora-moves", method="adalora", max_steps=12, grad_accum=1, warmup=1,
-                           update_every=2, save_every=0, eval_every=0)
+    run_dir, adapter = run(
+        workdir,
+        "adalora-moves",
+        method="adalora",
+        max_steps=12,
+        grad_accum=1,
+        warmup=1,
+        update_every=2,
+        save_every=0,
+        eval_every=0,
+    )
     assert calls == list(range(1, 13))
     totals = [json.loads(line)["rank_total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert totals[0] == 3 * 14  # init_r 3 on each of the 14 modules, nothing masked before tinit
@@ -412,3 +453,25 @@ def test_adalora_eval_loss_is_the_cross_entropy_without_its_penalty(workdir):
     assert out.loss.item() == pytest.approx(cross_entropy.item(), abs=1e-6)
     assert training.item() > cross_entropy.item() + 0.05  # ~0.1 x a penalty of ~1.7 at the init
     assert model.peft_config["default"].orth_reg_weight == ADALORA_ORTH_REG_WEIGHT  # put back after the forward
+
+
+def test_the_help_shows_the_defaults_the_config_has():
+    """The defaults in `finetune --help` come from FinetuneConfig, so they cannot drift."""
+    import argparse
+    import dataclasses
+
+    from l1ra_lite.cli import finetune as cli_finetune
+
+    parser = argparse.ArgumentParser()
+    cli_finetune.add_arguments(parser)
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    shown = 0
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if value is None or isinstance(value, bool) or not action.help:
+            continue
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        assert action.help.endswith(f"(default {text})"), action.dest
+        assert action.help.count("default") == 1, action.dest  # no second, hand-written one
+        shown += 1
+    assert shown >= 20

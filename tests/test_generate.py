@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from test_export import make_run
 
 from l1ra_lite.cli import main as cli_main
-from test_export import make_run
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,9 @@ def test_cli_generate_prints_the_greedy_answer(run_dir, loaded, capsys):
 
     model, tokenizer = loaded
     expected = generate_reply(model, tokenizer, [{"role": "user", "content": "the quick fox"}], 5, 0).text
-    code = cli_main(["generate", str(run_dir), "--prompt", "the quick fox", "--max-new-tokens", "5", "--temperature", "0"])
+    code = cli_main(
+        ["generate", str(run_dir), "--prompt", "the quick fox", "--max-new-tokens", "5", "--temperature", "0"]
+    )
     assert code == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
 

@@ -15,8 +15,15 @@ import l1ra_lite.cli as cli
 from l1ra_lite.errors import UserError
 from l1ra_lite.ui.inspect import render_summary, summarize, write_png
 
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 BUDGET = 112  # 4 layers x 7 modules x rank 4
 
 
@@ -35,10 +42,18 @@ def write_run(folder) -> None:
     second[layer_path(0, "self_attn.q_proj")] = 2
     second[layer_path(3, "mlp.down_proj")] = 6
     history = [
-        {"step": 20, "pruned": {layer_path(0, "self_attn.k_proj"): 3, layer_path(1, "self_attn.k_proj"): 2},
-         "added": {layer_path(2, "mlp.up_proj"): 5}, "ranks": first},
-        {"step": 40, "pruned": {layer_path(0, "self_attn.q_proj"): 2},
-         "added": {layer_path(3, "mlp.down_proj"): 2}, "ranks": second},
+        {
+            "step": 20,
+            "pruned": {layer_path(0, "self_attn.k_proj"): 3, layer_path(1, "self_attn.k_proj"): 2},
+            "added": {layer_path(2, "mlp.up_proj"): 5},
+            "ranks": first,
+        },
+        {
+            "step": 40,
+            "pruned": {layer_path(0, "self_attn.q_proj"): 2},
+            "added": {layer_path(3, "mlp.down_proj"): 2},
+            "ranks": second,
+        },
     ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ranks.json").write_text(json.dumps({"budget": BUDGET, "ranks": second, "history": history}))
@@ -52,9 +67,13 @@ def write_adapter(folder, ranks: dict[str, int], rank_pattern: dict[str, int] | 
         tensors[f"base_model.model.{path}.lora_B.weight"] = torch.zeros(16, r, dtype=torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": 3, "lora_alpha": 3.0,
-              "rank_pattern": rank_pattern if rank_pattern is not None else ranks,
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    config = {
+        "peft_type": "LORA",
+        "r": 3,
+        "lora_alpha": 3.0,
+        "rank_pattern": rank_pattern if rank_pattern is not None else ranks,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -80,8 +99,15 @@ def test_run_summary_totals_equal_the_budget_and_add_up(tmp_path):
     assert summary["source"] == "run"
     assert summary["budget"] == summary["total_rank"] == BUDGET
     assert summary["modules"] == 28
-    assert summary["by_type"] == {"q_proj": 14, "k_proj": 11, "v_proj": 16, "o_proj": 16,
-                                  "gate_proj": 16, "up_proj": 21, "down_proj": 18}
+    assert summary["by_type"] == {
+        "q_proj": 14,
+        "k_proj": 11,
+        "v_proj": 16,
+        "o_proj": 16,
+        "gate_proj": 16,
+        "up_proj": 21,
+        "down_proj": 18,
+    }
     assert summary["by_layer"] == {"0": 23, "1": 26, "2": 33, "3": 30}
     assert sum(summary["by_type"].values()) == sum(summary["by_layer"].values()) == BUDGET
     assert sum(summary["ranks"].values()) == BUDGET
@@ -151,14 +177,19 @@ def test_run_folder_without_ranks_json_falls_back_to_its_adapter(tmp_path):
     assert summary["total_rank"] == 42
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    (json.dumps([1, 2]), "top level must be an object"),
-    (json.dumps({"ranks": {"a": 1}}), "'budget' must be a positive integer"),
-    (json.dumps({"budget": 4, "ranks": {"model.layers.0.q_proj": "4"}}), "must be a non-negative integer"),
-    (json.dumps({"budget": 4, "ranks": {"model.layers.0.q_proj": 4}, "history": [{"step": 2}]}),
-     "history[0].ranks"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps([1, 2]), "top level must be an object"),
+        (json.dumps({"ranks": {"a": 1}}), "'budget' must be a positive integer"),
+        (json.dumps({"budget": 4, "ranks": {"model.layers.0.q_proj": "4"}}), "must be a non-negative integer"),
+        (
+            json.dumps({"budget": 4, "ranks": {"model.layers.0.q_proj": 4}, "history": [{"step": 2}]}),
+            "history[0].ranks",
+        ),
+    ],
+)
 def test_corrupt_ranks_json_is_one_clear_user_error(tmp_path, content, message):
     (tmp_path / "ranks.json").write_text(content)
     with pytest.raises(UserError) as err:
@@ -238,8 +269,7 @@ def test_png_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, ca
     png = tmp_path / "ranks.png"
     code, _, err = run_cli(monkeypatch, capsys, tmp_path / "run", "--png", png)
     assert code == 2
-    assert err.strip() == ("l1ra-lite inspect: error: --png needs matplotlib: "
-                           "pip install 'l1ra-lite[plot]'")
+    assert err.strip() == ("l1ra-lite inspect: error: --png needs matplotlib: pip install 'l1ra-lite[plot]'")
     assert not png.exists()
 
 

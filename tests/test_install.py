@@ -50,8 +50,14 @@ def test_recipes_read_without_tomllib(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("seq_len = [1, 2\n", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", NO_TOMLLIB, str(broken)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TOMLLIB, str(broken)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     values, meta = read_recipe("cpu-smollm2")  # this interpreter's own parser
@@ -69,18 +75,36 @@ def test_recipes_read_without_tomllib(tmp_path):
 NEWER_MODULES = {"tomllib": (3, 11), "wsgiref.types": (3, 11)}
 NEWER_NAMES = {
     ("datetime", "UTC"): (3, 11),
-    ("enum", "StrEnum"): (3, 11), ("enum", "ReprEnum"): (3, 11), ("enum", "verify"): (3, 11),
-    ("enum", "member"): (3, 11), ("enum", "nonmember"): (3, 11),
-    ("typing", "Self"): (3, 11), ("typing", "LiteralString"): (3, 11), ("typing", "Never"): (3, 11),
-    ("typing", "assert_never"): (3, 11), ("typing", "assert_type"): (3, 11),
-    ("typing", "reveal_type"): (3, 11), ("typing", "Required"): (3, 11),
-    ("typing", "NotRequired"): (3, 11), ("typing", "TypeVarTuple"): (3, 11),
-    ("typing", "Unpack"): (3, 11), ("typing", "dataclass_transform"): (3, 11),
-    ("typing", "override"): (3, 12), ("typing", "TypeAliasType"): (3, 12),
-    ("asyncio", "TaskGroup"): (3, 11), ("asyncio", "timeout"): (3, 11), ("asyncio", "Runner"): (3, 11),
-    ("contextlib", "chdir"): (3, 11), ("hashlib", "file_digest"): (3, 11), ("operator", "call"): (3, 11),
-    ("math", "cbrt"): (3, 11), ("math", "exp2"): (3, 11), ("math", "sumprod"): (3, 12),
-    ("itertools", "batched"): (3, 12), ("warnings", "deprecated"): (3, 13), ("copy", "replace"): (3, 13),
+    ("enum", "StrEnum"): (3, 11),
+    ("enum", "ReprEnum"): (3, 11),
+    ("enum", "verify"): (3, 11),
+    ("enum", "member"): (3, 11),
+    ("enum", "nonmember"): (3, 11),
+    ("typing", "Self"): (3, 11),
+    ("typing", "LiteralString"): (3, 11),
+    ("typing", "Never"): (3, 11),
+    ("typing", "assert_never"): (3, 11),
+    ("typing", "assert_type"): (3, 11),
+    ("typing", "reveal_type"): (3, 11),
+    ("typing", "Required"): (3, 11),
+    ("typing", "NotRequired"): (3, 11),
+    ("typing", "TypeVarTuple"): (3, 11),
+    ("typing", "Unpack"): (3, 11),
+    ("typing", "dataclass_transform"): (3, 11),
+    ("typing", "override"): (3, 12),
+    ("typing", "TypeAliasType"): (3, 12),
+    ("asyncio", "TaskGroup"): (3, 11),
+    ("asyncio", "timeout"): (3, 11),
+    ("asyncio", "Runner"): (3, 11),
+    ("contextlib", "chdir"): (3, 11),
+    ("hashlib", "file_digest"): (3, 11),
+    ("operator", "call"): (3, 11),
+    ("math", "cbrt"): (3, 11),
+    ("math", "exp2"): (3, 11),
+    ("math", "sumprod"): (3, 12),
+    ("itertools", "batched"): (3, 12),
+    ("warnings", "deprecated"): (3, 13),
+    ("copy", "replace"): (3, 13),
 }
 NEWER_BUILTINS = {"ExceptionGroup": (3, 11), "BaseExceptionGroup": (3, 11)}
 
@@ -90,8 +114,12 @@ def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     child, parent = node, parents.get(node)
     while parent is not None:
         if isinstance(parent, ast.Try) and child in parent.body:
-            caught = {n.id for h in parent.handlers for n in ast.walk(h.type or ast.Name("BaseException"))
-                      if isinstance(n, ast.Name)}
+            caught = {
+                n.id
+                for h in parent.handlers
+                for n in ast.walk(h.type or ast.Name("BaseException"))
+                if isinstance(n, ast.Name)
+            }
             if caught & {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}:
                 return True
         child, parent = parent, parents.get(parent)
@@ -154,8 +182,14 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 def _make_install(python: str, venv: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(["make", "install", f"PYTHON={python}", f"VENV={venv}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["make", "install", f"PYTHON={python}", f"VENV={venv}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _one_line(done: subprocess.CompletedProcess) -> str:
@@ -181,8 +215,7 @@ def test_make_without_python(tmp_path):
 
 @needs_make
 def test_make_with_an_old_python(tmp_path):
-    old = _script(tmp_path / "python3.9",
-                  'case "$1" in -V) echo "Python 3.9.18";; *) exit 1;; esac\n')
+    old = _script(tmp_path / "python3.9", 'case "$1" in -V) echo "Python 3.9.18";; *) exit 1;; esac\n')
     line = _one_line(_make_install(str(old), tmp_path / "venv"))
     assert "needs Python 3.10 or newer" in line and "Python 3.9.18" in line
     assert not (tmp_path / "venv").exists()

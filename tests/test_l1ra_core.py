@@ -8,7 +8,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.l1ra import L1RALinear, L1RAOptimizer, RankState, inject_adapters, initial_ranks, reallocate
+from l1ra_lite.l1ra import L1RALinear, L1RAOptimizer, RankState, initial_ranks, inject_adapters, reallocate
 from l1ra_lite.l1ra.inject import adapter_parameters
 from l1ra_lite.l1ra.realloc import resize_adapter
 from tests.tiny import random_batch, tiny_llama
@@ -125,9 +125,11 @@ def held_elements(adapters, optimizer):
     """Elements of storage actually held by adapter params, grads and optimiser state."""
     total = 0
     for p in adapter_parameters(adapters):
-        tensors = [p] + ([p.grad] if p.grad is not None else []) + [
-            v for v in optimizer.state[p].values() if torch.is_tensor(v)
-        ]
+        tensors = (
+            [p]
+            + ([p.grad] if p.grad is not None else [])
+            + [v for v in optimizer.state[p].values() if torch.is_tensor(v)]
+        )
         total += sum(t.untyped_storage().nbytes() // t.element_size() for t in tensors)
     return total
 
@@ -144,8 +146,11 @@ def test_memory_follows_the_ranks_after_growing_and_shrinking():
     model(input_ids=x, labels=x).loss.backward()  # grads present during the resize
     assert held_elements(adapters, optimizer) == implied_elements(adapters)
     paths = list(adapters)
-    old = [StorageWeakRef(t.untyped_storage()) for p in paths[:2]
-           for t in (adapters[p].lora_A, adapters[p].lora_A.grad, optimizer.state[adapters[p].lora_A]["exp_avg"])]
+    old = [
+        StorageWeakRef(t.untyped_storage())
+        for p in paths[:2]
+        for t in (adapters[p].lora_A, adapters[p].lora_A.grad, optimizer.state[adapters[p].lora_A]["exp_avg"])
+    ]
     resize_adapter(adapters[paths[0]], [0], 0, optimizer)  # shrink 2 -> 1
     resize_adapter(adapters[paths[1]], [0, 1], 5, optimizer)  # grow 2 -> 7
     assert [adapters[p].rank for p in paths[:2]] == [1, 7]
@@ -165,7 +170,7 @@ def test_a_and_b_follow_torch_adamw_and_gates_follow_adam_plus_l1():
     opt = L1RAOptimizer([ours], lr=1e-2, weight_decay=0.1, eta_c=0.05, l1_lambda=0.2)
     ref_ab = torch.optim.AdamW([ref.lora_A, ref.lora_B], lr=1e-2, weight_decay=0.1)
     ref_c = torch.optim.Adam([ref.gate], lr=0.05)
-    for step in range(5):
+    for _step in range(5):
         x = torch.randn(7, 6)
         for layer in (ours, ref):
             layer(x).pow(2).sum().backward()
@@ -200,8 +205,10 @@ def test_moments_of_surviving_ranks_are_carried_over_exactly():
     model, adapters, optimizer = trained_tiny(budget=42)
     path = list(adapters)[3]
     adapter = adapters[path]
-    before = {k: {n: v.clone() for n, v in optimizer.state[p].items()}
-              for k, p in (("A", adapter.lora_A), ("B", adapter.lora_B), ("gate", adapter.gate))}
+    before = {
+        k: {n: v.clone() for n, v in optimizer.state[p].items()}
+        for k, p in (("A", adapter.lora_A), ("B", adapter.lora_B), ("gate", adapter.gate))
+    }
     resize_adapter(adapter, [2, 0], 2, optimizer)  # keep ranks 2 and 0, add two
     after = {k: optimizer.state[p] for k, p in (("A", adapter.lora_A), ("B", adapter.lora_B), ("gate", adapter.gate))}
     keep = torch.tensor([2, 0])
@@ -221,28 +228,31 @@ def test_a_rank_added_late_takes_the_first_update_of_a_fresh_optimiser():
     new = adapter.rank - 1
     with torch.no_grad():
         adapter.lora_B[:, new].normal_()  # give the new rank a gradient on A
-    grads = {"A": torch.randn_like(adapter.lora_A), "B": torch.randn_like(adapter.lora_B),
-             "gate": torch.randn_like(adapter.gate)}
+    grads = {
+        "A": torch.randn_like(adapter.lora_A),
+        "B": torch.randn_like(adapter.lora_B),
+        "gate": torch.randn_like(adapter.gate),
+    }
     # The same rank alone in a freshly started optimiser, same values, same gradient.
     fresh = L1RALinear(nn.Linear(adapter.in_features, adapter.out_features), rank=1, scale=1.0)
     with torch.no_grad():
-        fresh.lora_A.copy_(adapter.lora_A[new:new + 1])
-        fresh.lora_B.copy_(adapter.lora_B[:, new:new + 1])
-        fresh.gate.copy_(adapter.gate[new:new + 1])
+        fresh.lora_A.copy_(adapter.lora_A[new : new + 1])
+        fresh.lora_B.copy_(adapter.lora_B[:, new : new + 1])
+        fresh.gate.copy_(adapter.gate[new : new + 1])
     fresh_opt = L1RAOptimizer([fresh], lr=1e-2)
     for p in list(adapters.values()):
         for q in (p.lora_A, p.lora_B, p.gate):
             q.grad = None
     adapter.lora_A.grad, adapter.lora_B.grad, adapter.gate.grad = grads["A"], grads["B"], grads["gate"]
-    fresh.lora_A.grad = grads["A"][new:new + 1].clone()
-    fresh.lora_B.grad = grads["B"][:, new:new + 1].clone()
-    fresh.gate.grad = grads["gate"][new:new + 1].clone()
+    fresh.lora_A.grad = grads["A"][new : new + 1].clone()
+    fresh.lora_B.grad = grads["B"][:, new : new + 1].clone()
+    fresh.gate.grad = grads["gate"][new : new + 1].clone()
     row_before = adapter.lora_A.detach()[new].clone()
     optimizer.step()
     fresh_opt.step()
-    assert torch.equal(adapter.lora_A[new:new + 1], fresh.lora_A)
-    assert torch.equal(adapter.lora_B[:, new:new + 1], fresh.lora_B)
-    assert torch.equal(adapter.gate[new:new + 1], fresh.gate)
+    assert torch.equal(adapter.lora_A[new : new + 1], fresh.lora_A)
+    assert torch.equal(adapter.lora_B[:, new : new + 1], fresh.lora_B)
+    assert torch.equal(adapter.gate[new : new + 1], fresh.gate)
     # Its first step moves every element by ~lr, as Adam's first step does; a
     # correction for the tensor's age (7 steps) would have made it ~2.5x smaller.
     moved = (adapter.lora_A.detach()[new] - row_before).abs()
@@ -269,30 +279,38 @@ def train_two_path(seed, steps=80, update_every=40):
         p.requires_grad_(False)
     delta = torch.randn(16, 4) @ torch.randn(4, 16) * 0.3
     w_needed, w_unneeded = task.needed.weight.clone(), task.unneeded.weight.clone()
-    adapters = {name: L1RALinear(getattr(task, name), rank=4, scale=1.0,
-                                 generator=torch.Generator().manual_seed(seed + i))
-                for i, name in enumerate(("needed", "unneeded"))}
+    adapters = {
+        name: L1RALinear(getattr(task, name), rank=4, scale=1.0, generator=torch.Generator().manual_seed(seed + i))
+        for i, name in enumerate(("needed", "unneeded"))
+    }
     optimizer = L1RAOptimizer(adapters.values(), lr=2e-2, eta_c=0.05, l1_lambda=0.5)
     state = RankState(budget=8, ranks={p: a.rank for p, a in adapters.items()})
     data = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
         x = torch.randn(32, 16, generator=data)
-        loss = (adapters["needed"](x) - x @ (w_needed + delta).T).pow(2).mean() + \
-               (adapters["unneeded"](x) - x @ w_unneeded.T).pow(2).mean()
+        loss = (adapters["needed"](x) - x @ (w_needed + delta).T).pow(2).mean() + (
+            adapters["unneeded"](x) - x @ w_unneeded.T
+        ).pow(2).mean()
         loss.backward()
         del loss  # a live graph would pin the parameters' old shapes (see resize_adapter)
         optimizer.step()
         optimizer.zero_grad()
         if step % update_every == 0:
             gates_before = {p: a.gate.detach().clone() for p, a in adapters.items()}
-            reallocate(adapters, state, step, optimizer.prune_threshold, optimizer,
-                       torch.Generator().manual_seed(seed * 1000 + step))
+            reallocate(
+                adapters,
+                state,
+                step,
+                optimizer.prune_threshold,
+                optimizer,
+                torch.Generator().manual_seed(seed * 1000 + step),
+            )
             yield step, gates_before, state, adapters
 
 
 def test_strong_l1_prunes_an_unneeded_adapter_and_moves_its_rank_to_a_needed_one():
     first = None
-    for step, gates, state, adapters in train_two_path(seed=0):
+    for step, gates, state, _adapters in train_two_path(seed=0):
         if first is None:
             first = (step, gates, state.history[-1])
     step, gates, event = first
@@ -384,8 +402,12 @@ def test_the_end_of_a_run_says_how_many_ranks_moved_and_where():
     from l1ra_lite.l1ra.rank_state import describe_moves, ranks_before_moves
 
     state = RankState(8, {"l.0.q_proj": 2, "l.0.k_proj": 2, "l.0.up_proj": 2, "l.0.down_proj": 2})
-    state.record(5, {"l.0.k_proj": 1, "l.0.q_proj": 1}, {"l.0.up_proj": 2}, {"l.0.q_proj": 1, "l.0.k_proj": 1,
-                                                                            "l.0.up_proj": 4, "l.0.down_proj": 2})
+    state.record(
+        5,
+        {"l.0.k_proj": 1, "l.0.q_proj": 1},
+        {"l.0.up_proj": 2},
+        {"l.0.q_proj": 1, "l.0.k_proj": 1, "l.0.up_proj": 4, "l.0.down_proj": 2},
+    )
     state.record(10, {"l.0.q_proj": 0}, {}, dict(state.ranks))
     before = ranks_before_moves(state)
     assert before == {"l.0.q_proj": 2, "l.0.k_proj": 2, "l.0.up_proj": 2, "l.0.down_proj": 2}

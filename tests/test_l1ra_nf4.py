@@ -1,5 +1,6 @@
 """L1RA on a 4-bit (NF4) base, in bf16, and with gradient checkpointing."""
 
+import bitsandbytes as bnb  # noqa: E402
 import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -7,13 +8,12 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters, reallocate
 from tests.tiny import random_batch, tiny_llama
 
-import bitsandbytes as bnb  # noqa: E402
-
 
 def nf4_tiny(tmp_path, dtype=torch.float32):
     tiny_llama(seed=0).save_pretrained(tmp_path / "base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
     return LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, dtype=dtype)
 
 
@@ -98,10 +98,15 @@ def test_bf16_model_weights(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nf4_on_cuda_resize_frees_memory(tmp_path):
     tiny_llama(seed=0).save_pretrained(tmp_path / "cuda_base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "cuda_base", quantization_config=quant,
-                                             dtype=torch.bfloat16, device_map={"": 0})
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = LlamaForCausalLM.from_pretrained(
+        tmp_path / "cuda_base", quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+    )
     adapters = inject_adapters(model, budget=14 * 64, seed=0)
     optimizer = L1RAOptimizer(adapters.values(), lr=1e-2)
     x = random_batch(0).cuda()

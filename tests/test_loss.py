@@ -18,9 +18,9 @@ def answer_only_batch(seed: int = 0, batch: int = 2, length: int = 48, vocab: in
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, length - 10:] = 0
+    mask[1, length - 10 :] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :length // 3] = -100
+    labels[:, : length // 3] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -70,11 +70,13 @@ def test_same_loss_without_gradients_and_under_autocast():
     model = model_with_trained_adapters()
     batch = answer_only_batch(seed=1)
     with torch.no_grad():
-        torch.testing.assert_close(causal_lm_loss(model, batch, chunk_logits=VOCAB * 5), model(**batch).loss,
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            causal_lm_loss(model, batch, chunk_logits=VOCAB * 5), model(**batch).loss, rtol=1e-6, atol=1e-6
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.testing.assert_close(causal_lm_loss(model, batch, chunk_logits=VOCAB * 5),
-                                       model(**batch).loss, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(
+                causal_lm_loss(model, batch, chunk_logits=VOCAB * 5), model(**batch).loss, rtol=2e-2, atol=2e-2
+            )
 
 
 def test_the_whole_logits_are_not_kept_for_the_backward_pass():
@@ -112,9 +114,18 @@ def test_peft_lora_is_chunked_adalora_and_other_heads_use_their_own_loss():
     assert causal_lm_loss(adalora, batch).item() == adalora(**batch).loss.item()
 
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           vocab_size=128, final_logit_softcapping=30.0))
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=128,
+            final_logit_softcapping=30.0,
+        )
+    )
     assert plain_causal_lm(gemma) is None  # soft-capped logits
     assert causal_lm_loss(gemma, batch).item() == gemma(**batch).loss.item()
 
@@ -122,7 +133,7 @@ def test_peft_lora_is_chunked_adalora_and_other_heads_use_their_own_loss():
 def test_chunk_size_follows_the_vocabulary():
     assert chunk_tokens(128256) == 130  # Llama-3
     assert chunk_tokens(32768) == 512  # Mistral
-    assert chunk_tokens(10 ** 9) == 1
+    assert chunk_tokens(10**9) == 1
 
 
 @pytest.mark.cuda

@@ -37,8 +37,9 @@ def test_counter_follows_allocations_views_and_frees():
 
 @pytest.fixture(scope="module")
 def mistral_trace():
-    config = build_config(None, {"model": "mistral-7b", "budget": 512, "seq_len": 2048, "batch_size": 1,
-                                 "grad_accum": 1})
+    config = build_config(
+        None, {"model": "mistral-7b", "budget": 512, "seq_len": 2048, "batch_size": 1, "grad_accum": 1}
+    )
     return memory_trace.trace(config, steps=2)
 
 

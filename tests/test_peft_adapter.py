@@ -19,8 +19,9 @@ from tests.tiny import tiny_llama
 @pytest.fixture
 def written(tmp_path):
     adapters = inject_adapters(tiny_llama(), budget=29, seed=0)  # 14 adapters: ranks 3 and 2
-    folder = save_peft_adapter(adapters, tmp_path / "adapter", "tiny", lora_alpha=2.0, dropout=0.0,
-                               target_modules=["q_proj"])
+    folder = save_peft_adapter(
+        adapters, tmp_path / "adapter", "tiny", lora_alpha=2.0, dropout=0.0, target_modules=["q_proj"]
+    )
     return adapters, folder
 
 
@@ -46,7 +47,9 @@ def test_a_rank_pattern_key_picks_modules_as_peft_does():
 
 def test_tensor_names_split_into_module_path_and_kind():
     assert split_lora_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight") == (
-        "model.layers.0.mlp.up_proj", "lora_B")
+        "model.layers.0.mlp.up_proj",
+        "lora_B",
+    )
     assert split_lora_key("base_model.model.lm_head.weight") is None
 
 

@@ -123,21 +123,30 @@ def test_importance_spares_young_ranks_and_caps_the_moves():
     gates, fishers = [[1.0] * 6], [[1e-9] * 5 + [1.0]]
     ages = [[100, 100, 100, 3, 100, 100]]
     strong = [[1.0] * 6]  # a second adapter whose ranks all matter sets the median
-    verdict = importance_rule(evidence(gates + strong, fishers + strong, ages + [[100] * 6]), threshold=1e-4,
-                              ratio=0.05, max_moves=2, grace=10)
+    verdict = importance_rule(
+        evidence(gates + strong, fishers + strong, ages + [[100] * 6]),
+        threshold=1e-4,
+        ratio=0.05,
+        max_moves=2,
+        grace=10,
+    )
     cut = verdict.cut[0]
     assert sum(cut) == 2 and not cut[3] and not cut[5]
 
 
 def test_dead_gates_always_go_whatever_the_cap():
-    verdict = importance_rule(evidence([[0.0, 0.0, 0.0, 1.0], [1.0]], [[1.0] * 4, [1.0]]), threshold=1e-3,
-                              max_moves=1)
+    verdict = importance_rule(evidence([[0.0, 0.0, 0.0, 1.0], [1.0]], [[1.0] * 4, [1.0]]), threshold=1e-3, max_moves=1)
     assert verdict.cut[0] == (True, True, True, False)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 10), st.integers(0, 50)), min_size=1, max_size=6),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.floats(0, 1), st.floats(0, 10), st.integers(0, 50)), min_size=1, max_size=6),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_the_importance_rule_conserves_the_budget_and_keeps_every_adapter(ranks):
     ev = [RankEvidence([g for g, _, _ in r], [f for _, f, _ in r], [a for _, _, a in r]) for r in ranks]
     plan = plan_moves(importance_rule(ev, threshold=0.01, ratio=0.2, max_moves=3, grace=5))

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from l1ra_lite.l1ra import L1RAOptimizer, RankState, inject_adapters
 from l1ra_lite.l1ra.method import L1RAMethod
 from l1ra_lite.train import memory_stats, optimizer_step, reset_peak_memory, run_dtype
-from tests.test_finetune import adapter_tensors, run, run_with_a_stop, tiny_config, workdir  # noqa: F401
+from tests.test_finetune import adapter_tensors, run, run_with_a_stop, tiny_config
 from tests.tiny import tiny_llama
 
 
@@ -52,11 +52,11 @@ def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale_without_counting_a
     x = torch.randint(0, 100, (2, 8))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
     autocast = {"device_type": "cpu", "dtype": torch.float16, "enabled": True}
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # overflows fp16 gradients
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # overflows fp16 gradients
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss, grad_norm = optimizer_step(trainable, [batch], 1e-2, 1.0, "cpu", autocast, 1, scaler)
     assert loss is not None and grad_norm == float("inf")
-    assert scaler.get_scale() < 2.0 ** 60
+    assert scaler.get_scale() < 2.0**60
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -71,8 +71,11 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
             self.reads.append(str(func))
-        if func is torch.ops.aten.index.Tensor and args[0].is_floating_point() and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
+        if (
+            func is torch.ops.aten.index.Tensor
+            and args[0].is_floating_point()
+            and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -3,7 +3,7 @@
 import json
 
 from bench import realloc_replay
-from tests.test_finetune import WINDOW, run, workdir  # noqa: F401
+from tests.test_finetune import WINDOW, run
 
 
 def test_replaying_the_rule_a_run_used_gives_the_moves_it_made(workdir, capsys):

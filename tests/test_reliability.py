@@ -15,12 +15,12 @@ import torch
 from safetensors import SafetensorError
 
 from l1ra_lite import checkpoint as ckpt
-from l1ra_lite.train import loop as train_loop
-from l1ra_lite.train import step as train_step
 from l1ra_lite.cli import main
 from l1ra_lite.config import FinetuneConfig
 from l1ra_lite.errors import UserError
 from l1ra_lite.train import Diverged, train
+from l1ra_lite.train import loop as train_loop
+from l1ra_lite.train import step as train_step
 from tests.tiny import save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,23 +37,67 @@ def workdir(tmp_path_factory):
 
 
 def config(workdir, **overrides):
-    values = dict(model=str(workdir / "base"), data=str(workdir / "data.jsonl"), quant="none", budget=14,
-                  max_steps=6, batch_size=4, grad_accum=1, seq_len=48, lr=1e-3, warmup=1, update_every=2,
-                  eval_every=0, save_every=1, keep_checkpoints=2, seed=3, plain=True)
+    values = dict(
+        model=str(workdir / "base"),
+        data=str(workdir / "data.jsonl"),
+        quant="none",
+        budget=14,
+        max_steps=6,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=48,
+        lr=1e-3,
+        warmup=1,
+        update_every=2,
+        eval_every=0,
+        save_every=1,
+        keep_checkpoints=2,
+        seed=3,
+        plain=True,
+    )
     values.update(overrides)
     return FinetuneConfig(**values)
 
 
 def finetune_args(workdir, out, steps):
-    return ["finetune", "--model", workdir / "base", "--data", workdir / "data.jsonl", "--quant", "none",
-            "--budget", 14, "--max-steps", steps, "--batch-size", 4, "--grad-accum", 1, "--seq-len", 48,
-            "--save-every", 1, "--eval-every", 0, "--plain", "--output", out]
+    return [
+        "finetune",
+        "--model",
+        workdir / "base",
+        "--data",
+        workdir / "data.jsonl",
+        "--quant",
+        "none",
+        "--budget",
+        14,
+        "--max-steps",
+        steps,
+        "--batch-size",
+        4,
+        "--grad-accum",
+        1,
+        "--seq-len",
+        48,
+        "--save-every",
+        1,
+        "--eval-every",
+        0,
+        "--plain",
+        "--output",
+        out,
+    ]
 
 
 def start_child(args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "l1ra_lite", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "l1ra_lite", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_line(child, needle, timeout=120):
@@ -97,6 +141,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_stays_good(workdi
             if type(event).__name__ == "CheckpointSaved" and event.step == 2:
                 os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, checkpoint
                 os.kill(os.getpid(), signal.SIGINT)  # the second, before that: quit at once
+
         yield report
 
     monkeypatch.setattr(dashboard, "open_display", display)
@@ -127,9 +172,14 @@ KILL_WRITER = textwrap.dedent("""
 def test_sigkill_while_writing_a_checkpoint_leaves_the_last_complete_one_loadable(tmp_path, delay):
     run = tmp_path / "run"
     run.mkdir()
-    for attempt in range(2):  # two kills at the same moment of successive writes
-        child = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(run)], cwd=ROOT,
-                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _attempt in range(2):  # two kills at the same moment of successive writes
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILL_WRITER, str(run)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         child.stdout.readline()  # at least one complete checkpoint exists
         time.sleep(delay)
         child.kill()
@@ -253,10 +303,14 @@ def test_out_of_memory_says_what_to_lower_saves_a_checkpoint_and_exits_non_zero(
     assert json.loads((out / "config.json").read_text())["batch_size"] == 2
 
 
-@pytest.mark.parametrize("error", [
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"),
-    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-], ids=["torch-oom", "cublas-alloc"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+    ids=["torch-oom", "cublas-alloc"],
+)
 def test_out_of_memory_in_evaluation_keeps_the_step_and_its_checkpoint(workdir, monkeypatch, capsys, error):
     """The evaluation of step 4 runs out of memory: step 4 is logged and checkpointed (no
     checkpoint was due), one line says so, and the run resumes to the end."""
@@ -371,13 +425,19 @@ def test_a_pickle_disguised_as_a_checkpoint_is_refused_and_never_run(tmp_path):
             return (open, (str(marker), "w"))
 
     run = tmp_path / "run"
-    ckpt.save_checkpoint(run if run.mkdir() is None else run, 1,
-                         ckpt.Checkpoint({"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, {"step": 1}), 2)
+    ckpt.save_checkpoint(
+        run if run.mkdir() is None else run,
+        1,
+        ckpt.Checkpoint({"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, {"step": 1}),
+        2,
+    )
     bad = run / "checkpoint-1" / "trainable.safetensors"
     bad.write_bytes(pickle.dumps(Payload()))
     manifest = json.loads((run / "checkpoint-1" / "manifest.json").read_text())
-    manifest["files"]["trainable.safetensors"] = {"bytes": bad.stat().st_size,
-                                                  "sha256": hashlib.sha256(bad.read_bytes()).hexdigest()}
+    manifest["files"]["trainable.safetensors"] = {
+        "bytes": bad.stat().st_size,
+        "sha256": hashlib.sha256(bad.read_bytes()).hexdigest(),
+    }
     (run / "checkpoint-1" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="cannot be read"):
         ckpt.load_checkpoint(run / "checkpoint-1")
@@ -386,10 +446,23 @@ def test_a_pickle_disguised_as_a_checkpoint_is_refused_and_never_run(tmp_path):
 
 def test_bad_rows_stop_before_training_unless_skipped(workdir, capsys, tmp_path):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "a?", "completion": "b."}\n{"question": "x"}\n' +
-                    "".join(json.dumps(r) + "\n" for r in ROWS[:12]))
-    args = ["finetune", "--model", str(workdir / "base"), "--data", str(data), "--quant", "none",
-            "--max-steps", "1", "--budget", "14", "--plain"]
+    data.write_text(
+        '{"prompt": "a?", "completion": "b."}\n{"question": "x"}\n' + "".join(json.dumps(r) + "\n" for r in ROWS[:12])
+    )
+    args = [
+        "finetune",
+        "--model",
+        str(workdir / "base"),
+        "--data",
+        str(data),
+        "--quant",
+        "none",
+        "--max-steps",
+        "1",
+        "--budget",
+        "14",
+        "--plain",
+    ]
     assert main(args + ["--output", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "line 2" in err and "--skip-bad-rows" in err

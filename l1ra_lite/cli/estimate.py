@@ -79,15 +79,13 @@ def print_table(est, gpu_gib: Optional[float]) -> None:
     notes = {
         "adapters": f"rank flowed to the largest matrices; {gib(est.adapter_range[0])} spread evenly",
         "backward_peak": (
-            f"larger of: loss on logits {gib(est.loss_phase_bytes)}, "
-            f"one layer recomputed {gib(est.layer_phase_bytes)}"
+            f"larger of: loss on logits {gib(est.loss_phase_bytes)}, one layer recomputed {gib(est.layer_phase_bytes)}"
         ),
         "fragmentation": "reserved beyond allocated, "
         + ("expandable segments" if est.expandable_segments else "fixed-size segments"),
     }
     title = (
-        f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, "
-        f"seq {est.seq_len} x batch {est.batch_size}"
+        f"{est.model}: budget {est.budget} over {est.n_adapters} adapters, seq {est.seq_len} x batch {est.batch_size}"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("part", no_wrap=True)

@@ -18,86 +18,137 @@ HELP = "fine-tune a base model with L1RA adapters (defaults: the embedded SmolLM
 # Settings that may change when a run is resumed; all others must match the run's.
 # batch_size and grad_accum may trade against each other (same product, same data order)
 # so that a run that ran out of memory can continue with smaller micro-batches.
-CHANGEABLE_ON_RESUME = ("plain", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                        "batch_size", "grad_accum")
+CHANGEABLE_ON_RESUME = (
+    "plain",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "batch_size",
+    "grad_accum",
+)
 RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
 
 
+# Long, but flat: one call an option, in the groups --help shows.
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from l1ra_lite.config import CHOICES
 
     # Every option defaults to None so that a recipe's value is kept unless a flag is given.
-    # opt() and flag() add to the group opened last.
+    # opt() and flag() add to the group opened last; opt() shows FinetuneConfig's default.
     def opt(flag: str, help: str, **kw: Any) -> None:
-        group.add_argument(flag, default=None, help=help, **kw)
+        group.add_argument(flag, default=None, help=with_default(flag, help), **kw)
 
     def flag(name: str, help: str) -> None:
         group.add_argument(name, action="store_true", default=None, help=help)
 
     group = p.add_argument_group("what to train")
-    opt("--model", "alias (mistral-7b, llama-3.1-8b, qwen2.5-7b, their -instruct variants, smollm2-135m), "
-        "hub id or local folder; default: the embedded SmolLM2-135M-Instruct")
-    opt("--data", "a .jsonl/.json/.csv/.parquet file (fields: messages | instruction/input/output | "
-        "prompt/completion | text) or a hub dataset; default: the embedded chatterbot English corpus")
-    opt("--recipe", "a recipe TOML file, or the name of one shipped with l1ra-lite (see `l1ra-lite recipes`); "
-        "flags override it")
-    opt("--method", "l1ra (default), or stock peft lora / adalora at the same total rank",
-        choices=CHOICES["method"])
-    opt("--quant", "nf4 (default: 4-bit base) or none (16-bit base)", choices=CHOICES["quant"])
-    opt("--dtype", "compute dtype: auto (default: bf16 where the hardware has it natively; else fp16 with "
+    opt(
+        "--model",
+        "alias (mistral-7b, llama-3.1-8b, qwen2.5-7b, their -instruct variants, smollm2-135m), "
+        "hub id or local folder; default: the embedded SmolLM2-135M-Instruct",
+    )
+    opt(
+        "--data",
+        "a .jsonl/.json/.csv/.parquet file (fields: messages | instruction/input/output | "
+        "prompt/completion | text) or a hub dataset; default: the embedded chatterbot English corpus",
+    )
+    opt(
+        "--recipe",
+        "a recipe TOML file, or the name of one shipped with l1ra-lite (see `l1ra-lite recipes`); flags override it",
+    )
+    opt("--method", "l1ra, or stock peft lora / adalora at the same total rank", choices=CHOICES["method"])
+    opt("--quant", "nf4 (4-bit base) or none (16-bit base)", choices=CHOICES["quant"])
+    opt(
+        "--dtype",
+        "compute dtype: auto (bf16 where the hardware has it natively; else fp16 with "
         "loss scaling on older CUDA cards, fp32 on CPUs), bf16, fp16 or fp32",
-        choices=CHOICES["dtype"])
-    opt("--target-modules", "comma-separated module names to adapt (default: every linear layer of the "
-        "decoder blocks)")
+        choices=CHOICES["dtype"],
+    )
+    opt("--target-modules", "comma-separated module names to adapt (default: every linear layer of the decoder blocks)")
     flag("--trust-remote-code", "allow the model's own Python code from the hub (off by default)")
 
     group = p.add_argument_group("rank and L1RA")
     opt("--budget", "total rank over all adapters, conserved by reallocation (default 8 x adapters)", type=int)
     opt("--alpha", "LoRA alpha; the scale is alpha / mean rank (default: the mean rank, scale 1)", type=float)
-    opt("--dropout", "dropout on the adapter input (default 0)", type=float)
-    opt("--l1-lambda", "L1 penalty on the gates: a number, or auto (default) = l1-kappa / (eta-c x steps)")
-    opt("--l1-kappa", "with --l1-lambda auto: the total shrink a gate can get over the run (default 0.5)",
-        type=float)
-    opt("--eta-c", "learning rate of the gates, constant (default 0.02)", type=float)
-    opt("--realloc-rule", "which ranks go at a reallocation: paper (default: gates below eta-c x lambda) or "
+    opt("--dropout", "dropout on the adapter input", type=float)
+    opt("--l1-lambda", "L1 penalty on the gates: a number, or auto = l1-kappa / (eta-c x steps of the shrink window)")
+    opt(
+        "--l1-kappa",
+        "with --l1-lambda auto: the most the L1 shrink alone takes off a gate over the shrink window",
+        type=float,
+    )
+    opt("--eta-c", "learning rate of the gates, constant", type=float)
+    opt(
+        "--realloc-rule",
+        "which ranks go at a reallocation: paper (gates below eta-c x lambda) or "
         "importance (gate^2 x the running mean of its squared gradient, far below the median)",
-        choices=CHOICES["realloc_rule"])
-    opt("--shrink-until", "share of the run after which the L1 shrink and the reallocations stop and the gates "
-        "are folded into B, so that no rank stays throttled (default 1: the whole run, no fold)", type=float)
-    flag("--log-gates", "write every rank's gate, Adam moments and age at each reallocation into gates/ "
-         "(for bench/realloc_replay.py)")
-    opt("--update-every", "reallocate every N optimiser steps, or this fraction of the run when < 1 "
-        "(default 0.05)", type=float)
+        choices=CHOICES["realloc_rule"],
+    )
+    opt(
+        "--shrink-until",
+        "share of the run after which the L1 shrink and the reallocations stop and the gates "
+        "are folded into B, so that no rank stays throttled (1: the whole run, no fold)",
+        type=float,
+    )
+    flag(
+        "--log-gates",
+        "write every rank's gate, Adam moments and age at each reallocation into gates/ (for bench/realloc_replay.py)",
+    )
+    opt(
+        "--update-every",
+        "reallocate every N optimiser steps, or this fraction of the run when < 1",
+        type=float,
+    )
 
     group = p.add_argument_group("data")
-    opt("--seq-len", "truncate examples to this many tokens (default 512)", type=int)
+    opt("--seq-len", "truncate examples to this many tokens", type=int)
     flag("--packing", "pack examples into full --seq-len sequences")
-    opt("--eval-fraction", "held-out share of the rows for evaluation (default 0.05)", type=float)
-    opt("--eval-max-rows", "cap on held-out rows (default 200)", type=int)
+    opt("--eval-fraction", "held-out share of the rows for evaluation", type=float)
+    opt("--eval-max-rows", "cap on held-out rows", type=int)
     flag("--skip-bad-rows", "count and skip malformed rows instead of stopping")
 
     group = p.add_argument_group("optimisation (all step counts are optimiser steps)")
     opt("--max-steps", "stop after this many steps (wins over --epochs)", type=int)
-    opt("--epochs", "passes over the training data (default 1)", type=float)
-    opt("--batch-size", "examples per micro-batch (default 4)", type=int)
-    opt("--grad-accum", "micro-batches per optimiser step (default 4)", type=int)
-    opt("--lr", "peak learning rate of A and B (default 2e-4), cosine decay", type=float)
-    opt("--weight-decay", "AdamW weight decay of A and B (default 0)", type=float)
-    opt("--max-grad-norm", "gradient clipping (default 1.0; 0 turns it off)", type=float)
-    opt("--warmup", "linear warmup: steps, or a fraction of the run when < 1 (default 0.03)", type=float)
-    opt("--seed", "random seed: same seed, same run (default 42)", type=int)
+    opt("--epochs", "passes over the training data", type=float)
+    opt("--batch-size", "examples per micro-batch", type=int)
+    opt("--grad-accum", "micro-batches per optimiser step", type=int)
+    opt("--lr", "peak learning rate of A and B, cosine decay", type=float)
+    opt("--weight-decay", "AdamW weight decay of A and B", type=float)
+    opt("--max-grad-norm", "gradient clipping (0 turns it off)", type=float)
+    opt("--warmup", "linear warmup: steps, or a fraction of the run when < 1", type=float)
+    opt("--seed", "random seed: same seed, same run", type=int)
 
     group = p.add_argument_group("output")
     opt("--output", "run folder (default runs/<model>-<date-time>)")
-    opt("--eval-every", "evaluate every N steps, or this fraction of the run when < 1; 0: only at the end "
-        "(default 0.25)", type=float)
-    opt("--save-every", "checkpoint every N steps, or this fraction of the run when < 1; 0: only at the end "
-        "(default 0.25)", type=float)
-    opt("--keep-checkpoints", "keep the newest N checkpoints (default 2)", type=int)
-    opt("--log-every", "write a metrics line every N steps (default 1)", type=int)
+    opt(
+        "--eval-every",
+        "evaluate every N steps, or this fraction of the run when < 1; 0: only at the end",
+        type=float,
+    )
+    opt(
+        "--save-every",
+        "checkpoint every N steps, or this fraction of the run when < 1; 0: only at the end",
+        type=float,
+    )
+    opt("--keep-checkpoints", "keep the newest N checkpoints", type=int)
+    opt("--log-every", "write a metrics line every N steps", type=int)
     flag("--plain", "plain log lines instead of the live dashboard")
     group.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
+
+
+def with_default(flag: str, help: str) -> str:
+    """`help` with FinetuneConfig's default for the flag's field, so that it cannot drift."""
+    import dataclasses
+
+    from l1ra_lite.config import FinetuneConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    value = defaults.get(flag.removeprefix("--").replace("-", "_"))
+    if value is None or isinstance(value, bool) or value is dataclasses.MISSING:
+        return help
+    return f"{help} (default {value:g})" if isinstance(value, float) else f"{help} (default {value})"
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,11 +176,15 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any]):
     validate(asked)
     for key in overrides:
         if key not in CHANGEABLE_ON_RESUME and getattr(asked, key) != getattr(config, key):
-            raise UserError(f"--{key.replace('_', '-')} differs from the run being resumed "
-                            f"({getattr(config, key)!r}); a resumed run keeps its settings")
+            raise UserError(
+                f"--{key.replace('_', '-')} differs from the run being resumed "
+                f"({getattr(config, key)!r}); a resumed run keeps its settings"
+            )
     if asked.batch_size * asked.grad_accum != config.batch_size * config.grad_accum:
-        raise UserError(f"on resume, --batch-size x --grad-accum must stay "
-                        f"{config.batch_size * config.grad_accum} (got {asked.batch_size} x {asked.grad_accum})")
+        raise UserError(
+            f"on resume, --batch-size x --grad-accum must stay "
+            f"{config.batch_size * config.grad_accum} (got {asked.batch_size} x {asked.grad_accum})"
+        )
     return asked
 
 
@@ -143,8 +198,10 @@ def prepare_output(config, overwrite: bool) -> Path:
         raise UserError(f"output {run_dir} exists and is a file")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise UserError(f"output folder {run_dir} already exists; use --resume {run_dir} to continue it, "
-                            "--overwrite to start afresh, or another --output")
+            raise UserError(
+                f"output folder {run_dir} already exists; use --resume {run_dir} to continue it, "
+                "--overwrite to start afresh, or another --output"
+            )
         for entry in run_dir.iterdir():  # remove only what a run writes; leave the user's own files
             if entry.name in RUN_ARTEFACTS or entry.name.startswith("checkpoint-"):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -174,8 +231,11 @@ class StopOnSignal:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        print("\nl1ra-lite: stopping after this step and writing a checkpoint "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        print(
+            "\nl1ra-lite: stopping after this step and writing a checkpoint (press Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -198,26 +258,34 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args.recipe, overrides)
         run_dir = prepare_output(config, args.overwrite)
 
-    from l1ra_lite.ui.dashboard import open_display
     from l1ra_lite.train import Interrupted, OutOfMemory, train
+    from l1ra_lite.ui.dashboard import open_display
 
-    print(f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
-          file=sys.stderr, flush=True)
+    print(
+        f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     announce_embedded_conversion(config.model)
     stop = StopOnSignal()
     try:
         with stop, open_display(plain=config.plain) as report:
             adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
     except Interrupted as err:
-        print(f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
-              file=sys.stderr)
+        print(
+            f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
+            file=sys.stderr,
+        )
         return stop.exit_code
     except KeyboardInterrupt:
         from l1ra_lite.checkpoint import list_checkpoints
 
         if list_checkpoints(run_dir):
-            print(f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
-                  f"l1ra-lite finetune --resume {run_dir}", file=sys.stderr)
+            print(
+                f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
+                f"l1ra-lite finetune --resume {run_dir}",
+                file=sys.stderr,
+            )
         else:
             print("l1ra-lite: interrupted before the first checkpoint; start again to train", file=sys.stderr)
         return stop.exit_code
@@ -236,8 +304,11 @@ def announce_embedded_conversion(model: Optional[str]) -> None:
 
     folder = default_cache_dir() / EMBEDDED_FOLDER
     if (model is None or model in EMBEDDED_ALIASES) and not folder.exists():
-        print(f"l1ra-lite: preparing the embedded SmolLM2-135M-Instruct in {folder} (once, about a minute)",
-              file=sys.stderr, flush=True)
+        print(
+            f"l1ra-lite: preparing the embedded SmolLM2-135M-Instruct in {folder} (once, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def out_of_memory_advice(config, err, run_dir: Path) -> str:
@@ -252,14 +323,19 @@ def out_of_memory_advice(config, err, run_dir: Path) -> str:
     except Exception:  # the advice must not fail because the estimate could not be made
         estimated = ""
     free = free_memory_note(default_device())
-    lower = ("lower --batch-size (raise --grad-accum to keep the effective batch), --seq-len or --budget, "
-             "or use a smaller recipe: l1ra-lite recipes")
+    lower = (
+        "lower --batch-size (raise --grad-accum to keep the effective batch), --seq-len or --budget, "
+        "or use a smaller recipe: l1ra-lite recipes"
+    )
     if err.saved_step:
-        resume = (f"checkpoint of step {err.saved_step} kept: continue with l1ra-lite finetune --resume {run_dir} "
-                  "--batch-size N --grad-accum M (same product; only the batch split and the eval/save/log "
-                  "intervals can change on resume)")
+        resume = (
+            f"checkpoint of step {err.saved_step} kept: continue with l1ra-lite finetune --resume {run_dir} "
+            "--batch-size N --grad-accum M (same product; only the batch split and the eval/save/log "
+            "intervals can change on resume)"
+        )
     else:
         resume = "no checkpoint was due yet: start again with lower settings"
-    return (f"out of memory in the {err.phase} of step {err.step}{free} with batch size {config.batch_size}, "
-            f"seq len {config.seq_len}, budget {config.budget} ({estimated}{lower}); {resume}")
-
+    return (
+        f"out of memory in the {err.phase} of step {err.step}{free} with batch size {config.batch_size}, "
+        f"seq len {config.seq_len}, budget {config.budget} ({estimated}{lower}); {resume}"
+    )

@@ -9,7 +9,9 @@ HELP = "answer a prompt (or chat) with the run's adapter on its base model, thro
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with adapter/)")
-    parser.add_argument("--prompt", default=None, help="one user message; without it, an interactive chat (empty line or EOF ends it)")
+    parser.add_argument(
+        "--prompt", default=None, help="one user message; without it, an interactive chat (empty line or EOF ends it)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens (default 256)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
 

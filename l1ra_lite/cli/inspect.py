@@ -11,8 +11,12 @@ HELP = "Show where the rank went in a run (or an adapter folder): totals, by typ
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (with ranks.json) or a LoRA adapter folder")
-    parser.add_argument("--png", metavar="FILE", help="also write the heat map and rank-over-time plot as a PNG "
-                        "(needs matplotlib: pip install 'l1ra-lite[plot]'); never overwrites FILE")
+    parser.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also write the heat map and rank-over-time plot as a PNG "
+        "(needs matplotlib: pip install 'l1ra-lite[plot]'); never overwrites FILE",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
 
 

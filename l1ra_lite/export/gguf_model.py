@@ -98,7 +98,9 @@ def add_hyperparameters(writer, config, dtype: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope_type not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
-        raise UserError(f"rope scaling {rope_type!r} is not written by l1ra-lite; use --format hf and llama.cpp's converter")
+        raise UserError(
+            f"rope scaling {rope_type!r} is not written by l1ra-lite; use --format hf and llama.cpp's converter"
+        )
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -44,7 +44,9 @@ def add_vocab(writer, tokenizer_dir: Path, vocab_size: int) -> VocabInfo:
     elif model.get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel":
         info = _add_gpt2_vocab(writer, tokenizer_dir, vocab_size, pre_tokenizer_name(tokenizer_json))
     else:
-        raise UserError(f"the tokenizer in {tokenizer_dir} is neither byte-level BPE nor SentencePiece-like BPE; {CONVERTER_HINT}")
+        raise UserError(
+            f"the tokenizer in {tokenizer_dir} is neither byte-level BPE nor SentencePiece-like BPE; {CONVERTER_HINT}"
+        )
     _add_specials(writer, tokenizer_dir, info.kind, info.size)
     return info
 

@@ -3,8 +3,8 @@
 For its llama architecture, llama.cpp applies rotary embeddings to interleaved pairs of
 each head's dimensions, transformers to its two halves; so the rows of q_proj (and
 k_proj, with the number of key/value heads) are reordered within each head when written
-to GGUF, exactly as llama.cpp's convert_hf_to_gguf.py does for llama (qwen2 keeps them). A LoRA's B is reordered the same
-way: P(W + s B A) = P W + s (P B) A.
+to GGUF, exactly as llama.cpp's convert_hf_to_gguf.py does for llama (qwen2 keeps them).
+A LoRA's B is reordered the same way: P(W + s B A) = P W + s (P B) A.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ merge itself is done in float32: W' = W + (alpha / r_i) * B @ A.
 from __future__ import annotations
 
 import json
-from itertools import groupby
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Optional
 

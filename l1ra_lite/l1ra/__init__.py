@@ -8,7 +8,7 @@ realloc.py   apply a plan: physically resize A, B, c, gradients and optimiser st
 rank_state.py  the current ranks and the history of reallocations
 """
 
-from l1ra_lite.l1ra.inject import inject_adapters, initial_ranks
+from l1ra_lite.l1ra.inject import initial_ranks, inject_adapters
 from l1ra_lite.l1ra.layer import L1RALinear
 from l1ra_lite.l1ra.optim import L1RAOptimizer
 from l1ra_lite.l1ra.policy import ReallocationPlan, plan_reallocation

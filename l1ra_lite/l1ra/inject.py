@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from l1ra_lite.errors import UserError
-from l1ra_lite.module_paths import layer_index, matches_target
 from l1ra_lite.l1ra.layer import L1RALinear
+from l1ra_lite.module_paths import layer_index, matches_target
 
 
 def _is_linear(module: nn.Module) -> bool:

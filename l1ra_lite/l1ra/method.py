@@ -38,16 +38,40 @@ class L1RAMethod:
     moves_rank = True
 
     @classmethod
-    def attach(cls, model, paths: list[str], budget: int, alpha: float, dropout: float, seed: int, lr: float,
-               weight_decay: float, eta_c: float, l1_lambda: float, saved_ranks: Optional[dict[str, int]] = None,
-               rule: str = "paper", shrink_until: Optional[int] = None, grace: int = 10,
-               window_steps: int = 0) -> "L1RAMethod":
+    def attach(
+        cls,
+        model,
+        paths: list[str],
+        budget: int,
+        alpha: float,
+        dropout: float,
+        seed: int,
+        lr: float,
+        weight_decay: float,
+        eta_c: float,
+        l1_lambda: float,
+        saved_ranks: Optional[dict[str, int]] = None,
+        rule: str = "paper",
+        shrink_until: Optional[int] = None,
+        grace: int = 10,
+        window_steps: int = 0,
+    ) -> "L1RAMethod":
         adapters = inject_adapters(model, budget, paths, alpha, dropout, seed=seed, ranks=saved_ranks)
-        optimizer = L1RAOptimizer(adapters.values(), lr=lr, weight_decay=weight_decay, eta_c=eta_c,
-                                  l1_lambda=l1_lambda)
+        optimizer = L1RAOptimizer(adapters.values(), lr=lr, weight_decay=weight_decay, eta_c=eta_c, l1_lambda=l1_lambda)
         state = RankState(budget, {p: a.rank for p, a in adapters.items()})
-        return cls(model, adapters, optimizer, state, alpha, seed, rule, shrink_until, grace,
-                   eta_c * l1_lambda * window_steps, window_steps)
+        return cls(
+            model,
+            adapters,
+            optimizer,
+            state,
+            alpha,
+            seed,
+            rule,
+            shrink_until,
+            grace,
+            eta_c * l1_lambda * window_steps,
+            window_steps,
+        )
 
     def after_optimizer_step(self, step: int) -> None:
         """The gates' L1 shrink is part of the optimiser step; at the end of the shrink
@@ -101,23 +125,33 @@ class L1RAMethod:
     def extra_state_bytes(self) -> int:
         return 0
 
-    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str],
-                     tokenizer) -> None:
+    def save_adapter(self, folder: Path, base_model: str, dropout: float, target_modules: list[str], tokenizer) -> None:
         """A standard peft LoRA folder: the gates and the scale folded into B."""
         from l1ra_lite.peft_adapter import save_peft_adapter
 
-        save_peft_adapter(self.adapters, folder, base_model, lora_alpha=max(1, round(self.alpha)),
-                          dropout=dropout, target_modules=target_modules, tokenizer=tokenizer)
+        save_peft_adapter(
+            self.adapters,
+            folder,
+            base_model,
+            lora_alpha=max(1, round(self.alpha)),
+            dropout=dropout,
+            target_modules=target_modules,
+            tokenizer=tokenizer,
+        )
 
 
 def no_move_reason(rule: str, kappa: float, window_steps: int, threshold: float) -> str:
     """Why a run moved no rank, and what changes that, in one sentence."""
     if rule == "paper":
-        return (f"no rank moved: over {window_steps} steps the L1 shrink alone can lower a gate by at most "
-                f"{kappa:.2g} (l1-kappa), so a gate reaches the cut-off {threshold:.2g} only where the loss itself "
-                "drives it down; a larger --l1-kappa or a longer run moves rank")
-    return ("no rank moved: every rank's importance stayed within reach of the median and no gate fell below "
-            f"{threshold:.2g}; the task may use every rank where it is, or a larger --l1-kappa moves more")
+        return (
+            f"no rank moved: over {window_steps} steps the L1 shrink alone can lower a gate by at most "
+            f"{kappa:.2g} (l1-kappa), so a gate reaches the cut-off {threshold:.2g} only where the loss itself "
+            "drives it down; a larger --l1-kappa or a longer run moves rank"
+        )
+    return (
+        "no rank moved: every rank's importance stayed within reach of the median and no gate fell below "
+        f"{threshold:.2g}; the task may use every rank where it is, or a larger --l1-kappa moves more"
+    )
 
 
 # The importance rule moves at most this share of the budget an event: enough to move

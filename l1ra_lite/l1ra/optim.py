@@ -46,8 +46,13 @@ class L1RAOptimizer(torch.optim.Optimizer):
         groups = [
             {"params": [a.lora_A for a in adapters], "kind": "A", "lr": lr, "weight_decay": weight_decay},
             {"params": [a.lora_B for a in adapters], "kind": "B", "lr": lr, "weight_decay": weight_decay},
-            {"params": [a.gate for a in adapters], "kind": "gate", "lr": eta_c, "weight_decay": 0.0,
-             "l1_lambda": l1_lambda},
+            {
+                "params": [a.gate for a in adapters],
+                "kind": "gate",
+                "lr": eta_c,
+                "weight_decay": 0.0,
+                "l1_lambda": l1_lambda,
+            },
         ]
         super().__init__(groups, {"betas": betas, "eps": eps})
 

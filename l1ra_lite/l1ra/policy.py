@@ -86,8 +86,9 @@ def plan_moves(verdict: Verdict) -> ReallocationPlan:
 
 def paper_rule(evidence: Sequence[RankEvidence], threshold: float) -> Verdict:
     gates = [tuple(e.gate) for e in evidence]
-    return Verdict(tuple(gates), tuple(tuple(g < threshold for g in gs) for gs in gates),
-                   tuple(min(gs) for gs in gates))
+    return Verdict(
+        tuple(gates), tuple(tuple(g < threshold for g in gs) for gs in gates), tuple(min(gs) for gs in gates)
+    )
 
 
 def plan_reallocation(gates: Sequence[Sequence[float]], threshold: float) -> ReallocationPlan:
@@ -96,8 +97,9 @@ def plan_reallocation(gates: Sequence[Sequence[float]], threshold: float) -> Rea
     return plan_moves(paper_rule(evidence, threshold))
 
 
-def importance_rule(evidence: Sequence[RankEvidence], threshold: float, ratio: float = 0.05,
-                    max_moves: int = 8, grace: int = 10) -> Verdict:
+def importance_rule(
+    evidence: Sequence[RankEvidence], threshold: float, ratio: float = 0.05, max_moves: int = 8, grace: int = 10
+) -> Verdict:
     """Cut gates below `threshold`, and the ranks scoring below `ratio` x the median
     score of all grown-up ranks: the lowest scores first, `max_moves` at most."""
     scores = tuple(tuple(g * g * f for g, f in zip(e.gate, e.fisher)) for e in evidence)
@@ -105,9 +107,15 @@ def importance_rule(evidence: Sequence[RankEvidence], threshold: float, ratio: f
     pool = [s for ss, gs in zip(scores, grown) for s, g in zip(ss, gs) if g]
     line = ratio * statistics.median(pool) if pool else 0.0
     dead = [(i, j) for i, e in enumerate(evidence) for j, g in enumerate(e.gate) if g < threshold]
-    weak = sorted(((scores[i][j], i, j) for i, e in enumerate(evidence) for j in range(len(e.gate))
-                   if grown[i][j] and scores[i][j] < line and e.gate[j] >= threshold))
-    chosen = set(dead) | {(i, j) for _, i, j in weak[:max(0, max_moves - len(dead))]}
+    weak = sorted(
+        (
+            (scores[i][j], i, j)
+            for i, e in enumerate(evidence)
+            for j in range(len(e.gate))
+            if grown[i][j] and scores[i][j] < line and e.gate[j] >= threshold
+        )
+    )
+    chosen = set(dead) | {(i, j) for _, i, j in weak[: max(0, max_moves - len(dead))]}
     cut = tuple(tuple((i, j) in chosen for j in range(len(e.gate))) for i, e in enumerate(evidence))
     priority = tuple(min((s for s, g in zip(ss, gs) if g), default=0.0) for ss, gs in zip(scores, grown))
     return Verdict(scores, cut, priority)

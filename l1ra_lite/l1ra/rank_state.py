@@ -28,7 +28,9 @@ class RankState:
     def total(self) -> int:
         return sum(self.ranks.values())
 
-    def record(self, step: int, pruned: dict[str, int], added: dict[str, int], ranks: dict[str, int]) -> ReallocationRecord:
+    def record(
+        self, step: int, pruned: dict[str, int], added: dict[str, int], ranks: dict[str, int]
+    ) -> ReallocationRecord:
         self.ranks = dict(ranks)
         event = ReallocationRecord(step, dict(pruned), dict(added), dict(ranks), self.budget)
         self.history.append(event)
@@ -62,7 +64,7 @@ def ranks_before_moves(state: RankState) -> dict[str, int]:
 
 
 def describe_moves(before: dict[str, int], after: dict[str, int], budget: int) -> str:
-    """"84 of 840 ranks moved: up +30, gate +24 ... from k -41, q -27 ...": the net change
+    """ "84 of 840 ranks moved: up +30, gate +24 ... from k -41, q -27 ...": the net change
     per module type ('_proj' left out), gains first, largest first; "" when none moved."""
     net: dict[str, int] = {}
     for path, rank in after.items():

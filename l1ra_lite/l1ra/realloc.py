@@ -67,8 +67,7 @@ def _resized(t: torch.Tensor, dim: int, index: torch.Tensor, n_new: int) -> torc
     return torch.cat([kept, t.new_zeros(pad_shape)], dim)
 
 
-def rank_evidence(adapters: dict[str, L1RALinear], optimizer: Optional[torch.optim.Optimizer]
-                  ) -> list[RankEvidence]:
+def rank_evidence(adapters: dict[str, L1RALinear], optimizer: Optional[torch.optim.Optimizer]) -> list[RankEvidence]:
     """Per adapter: its gates, their bias-corrected squared-gradient mean and their ages
     (zeros where the optimiser has not stepped yet)."""
     evidence = []
@@ -77,7 +76,7 @@ def rank_evidence(adapters: dict[str, L1RALinear], optimizer: Optional[torch.opt
         state = optimizer.state.get(adapter.gate, {}) if optimizer is not None else {}
         age = state.get("step", torch.zeros_like(gate)).float().cpu()
         fisher = state.get("fisher", torch.zeros_like(gate)).float().cpu()
-        fisher = fisher / (1 - FISHER_BETA ** age).clamp_min(1e-12) * (age > 0)
+        fisher = fisher / (1 - FISHER_BETA**age).clamp_min(1e-12) * (age > 0)
         evidence.append(RankEvidence(gate.tolist(), fisher.tolist(), age.int().tolist()))
     return evidence
 

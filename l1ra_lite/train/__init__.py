@@ -12,6 +12,19 @@ from l1ra_lite.train.measure import free_memory_note, memory_stats, reset_peak_m
 from l1ra_lite.train.schedule import Schedule, lr_at, plan_schedule
 from l1ra_lite.train.step import evaluate, optimizer_step
 
-__all__ = ["Diverged", "Interrupted", "OutOfMemory", "Schedule", "evaluate", "free_memory_note",
-           "is_out_of_memory", "lr_at", "memory_stats", "optimizer_step", "plan_schedule", "reset_peak_memory",
-           "run_dtype", "train"]
+__all__ = [
+    "Diverged",
+    "Interrupted",
+    "OutOfMemory",
+    "Schedule",
+    "evaluate",
+    "free_memory_note",
+    "is_out_of_memory",
+    "lr_at",
+    "memory_stats",
+    "optimizer_step",
+    "plan_schedule",
+    "reset_peak_memory",
+    "run_dtype",
+    "train",
+]

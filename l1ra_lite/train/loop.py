@@ -31,8 +31,16 @@ from l1ra_lite.atomic import write_json_atomic
 from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda
 from l1ra_lite.data import DataSplits, collate, epoch_order, prepare_data
 from l1ra_lite.errors import UserError
-from l1ra_lite.events import CheckpointSaved, Evaluated, MemoryStats, Reallocated, Reporter, RunFinished, \
-    RunStarted, StepLogged
+from l1ra_lite.events import (
+    CheckpointSaved,
+    Evaluated,
+    MemoryStats,
+    Reallocated,
+    Reporter,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+)
 from l1ra_lite.l1ra.rank_state import RankState
 from l1ra_lite.methods import AdapterMethod, attach_method
 from l1ra_lite.models import ModelSource, compute_dtype, default_device, load_model, load_tokenizer
@@ -73,7 +81,8 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and any(
-        marker in str(err) for marker in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory"))
+        marker in str(err) for marker in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+    )
 
 
 def run_dtype(config: FinetuneConfig, device: str) -> torch.dtype:
@@ -134,9 +143,15 @@ def checkpoint_of(run: Run, rng: dict[str, torch.Tensor]) -> ckpt.Checkpoint:
     """Everything needed to continue exactly from after `run.progress.step`."""
     method, progress = run.method, run.progress
     tensors, method_state = method.extra_state()
-    state = {"step": progress.step, "skipped_steps": progress.skipped, "bad_in_a_row": progress.bad_in_a_row,
-             "examples_seen": progress.step * run.schedule.examples_per_step,
-             "rank_state": method.rank_state.to_json(), "fingerprint": run.fingerprint, **method_state}
+    state = {
+        "step": progress.step,
+        "skipped_steps": progress.skipped,
+        "bad_in_a_row": progress.bad_in_a_row,
+        "examples_seen": progress.step * run.schedule.examples_per_step,
+        "rank_state": method.rank_state.to_json(),
+        "fingerprint": run.fingerprint,
+        **method_state,
+    }
     if run.scaler is not None:
         state["grad_scaler"] = run.scaler.state_dict()
     trainable = {n: p for n, p in method.model.named_parameters() if p.requires_grad}
@@ -163,23 +178,36 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     run.saved_step = run.progress.step
 
 
-def step_batches(train_examples: list[dict], config: FinetuneConfig, step: int,
-                 order_of_epoch: Callable[[int], list[int]], pad_id: int) -> list[dict]:
+def step_batches(
+    train_examples: list[dict],
+    config: FinetuneConfig,
+    step: int,
+    order_of_epoch: Callable[[int], list[int]],
+    pad_id: int,
+) -> list[dict]:
     """The micro-batches of optimiser step `step`. Step s reads positions
     [s E, (s+1) E) of the concatenated per-epoch shuffles (E examples per step): a pure
     function of the step, so a resumed run reads exactly what the uninterrupted one
     would have, also when it splits E into other micro-batches."""
     n, per_step = len(train_examples), config.batch_size * config.grad_accum
     chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
-    return [collate([train_examples[i] for i in chosen[k:k + config.batch_size]], pad_id)
-            for k in range(0, per_step, config.batch_size)]
+    return [
+        collate([train_examples[i] for i in chosen[k : k + config.batch_size]], pad_id)
+        for k in range(0, per_step, config.batch_size)
+    ]
 
 
 # ------------------------------------------------------------------ setup
 
 
-def setup_run(config: FinetuneConfig, run_dir: Path, report: Reporter, resume: bool, device: Optional[str],
-              source: Optional[ModelSource]) -> Run:
+def setup_run(
+    config: FinetuneConfig,
+    run_dir: Path,
+    report: Reporter,
+    resume: bool,
+    device: Optional[str],
+    source: Optional[ModelSource],
+) -> Run:
     from l1ra_lite.models import resolve_model
 
     source = source or resolve_model(config.model)
@@ -188,8 +216,16 @@ def setup_run(config: FinetuneConfig, run_dir: Path, report: Reporter, resume: b
 
     # Data first: a bad file should fail before minutes of model loading.
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, config.seq_len, config.packing, config.eval_fraction,
-                        config.eval_max_rows, config.seed, config.skip_bad_rows)
+    data = prepare_data(
+        config.data,
+        tokenizer,
+        config.seq_len,
+        config.packing,
+        config.eval_fraction,
+        config.eval_max_rows,
+        config.seed,
+        config.skip_bad_rows,
+    )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
     schedule = plan_schedule(config, len(data.train))
@@ -201,41 +237,73 @@ def setup_run(config: FinetuneConfig, run_dir: Path, report: Reporter, resume: b
     torch.manual_seed(config.seed)
     method = _load_with_adapters(config, source, device, precision.dtype, schedule, saved_ranks)
     method.model.train()
-    run = Run(config, run_dir, report, device, source, precision, precision.new_scaler(), tokenizer, data,
-              schedule, method, run_folder.fingerprint(config, source, method.rank_state.budget,
-                                                        list(method.rank_state.ranks)))
+    run = Run(
+        config,
+        run_dir,
+        report,
+        device,
+        source,
+        precision,
+        precision.new_scaler(),
+        tokenizer,
+        data,
+        schedule,
+        method,
+        run_folder.fingerprint(config, source, method.rank_state.budget, list(method.rank_state.ranks)),
+    )
     if checkpoint is not None:
-        run_folder.check_fingerprint(checkpoint.state["fingerprint"], run.fingerprint, checkpoint_path)
-        restore(run, checkpoint)
-        del checkpoint  # torch's load_state_dict may alias its tensors: let them go
-        run_folder.truncate_metrics(run_dir / "metrics.jsonl", run.progress.step)
-        run_folder.keep_run_config_in_step(run_dir, config)
+        _continue_from(run, checkpoint, checkpoint_path)
     else:
-        run_folder.write_run_config(run_dir, config, {
-            "budget": method.rank_state.budget,
-            "alpha": method.alpha,
-            "l1_lambda": resolve_l1_lambda(config, schedule.total_steps),
-            "base_model_path": source.path,
-            "model_type": method.model.config.model_type,
-            "compute_dtype": str(precision.dtype).removeprefix("torch."),
-            "total_steps": schedule.total_steps,
-            "n_adapters": len(method.rank_state.ranks),
-            "data_stats": data.stats.to_dict(),
-            "version": __version__,
-        })
+        _start_run_folder(run)
     return run
 
 
-def _load_with_adapters(config: FinetuneConfig, source: ModelSource, device: str, dtype: torch.dtype,
-                        schedule: Schedule, saved_ranks: Optional[dict[str, int]]) -> AdapterMethod:
+def _continue_from(run: Run, checkpoint: ckpt.Checkpoint, checkpoint_path: Path) -> None:
+    run_folder.check_fingerprint(checkpoint.state["fingerprint"], run.fingerprint, checkpoint_path)
+    restore(run, checkpoint)
+    run_folder.truncate_metrics(run.run_dir / "metrics.jsonl", run.progress.step)
+    run_folder.keep_run_config_in_step(run.run_dir, run.config)
+
+
+def _start_run_folder(run: Run) -> None:
+    """config.json with the values the settings resolve to for this run."""
+    config, method, schedule = run.config, run.method, run.schedule
+    run_folder.write_run_config(
+        run.run_dir,
+        config,
+        {
+            "budget": method.rank_state.budget,
+            "alpha": method.alpha,
+            "l1_lambda": resolve_l1_lambda(config, schedule.total_steps),
+            "base_model_path": run.source.path,
+            "model_type": method.model.config.model_type,
+            "compute_dtype": str(run.precision.dtype).removeprefix("torch."),
+            "total_steps": schedule.total_steps,
+            "n_adapters": len(method.rank_state.ranks),
+            "data_stats": run.data.stats.to_dict(),
+            "version": __version__,
+        },
+    )
+
+
+def _load_with_adapters(
+    config: FinetuneConfig,
+    source: ModelSource,
+    device: str,
+    dtype: torch.dtype,
+    schedule: Schedule,
+    saved_ranks: Optional[dict[str, int]],
+) -> AdapterMethod:
     try:
         model = load_model(source, config.quant, device, dtype, config.trust_remote_code)
         return attach_method(model, config, schedule, saved_ranks)
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
-    raise UserError(f"out of memory while loading {source.name} on {device}{free_memory_note(device)}: the model "
-                    "does not fit; `l1ra-lite estimate --model ...` shows what a card needs, or use a smaller model")
+    raise UserError(
+        f"out of memory while loading {source.name} on {device}{free_memory_note(device)}: the model "
+        "does not fit; `l1ra-lite estimate --model ...` shows what a card needs, or use a smaller model"
+    )
 
 
 # ------------------------------------------------------------------ fit
@@ -250,8 +318,10 @@ def save(run: Run, rng: Optional[dict] = None) -> None:
     try:
         path = ckpt.save_checkpoint(run.run_dir, run.progress.step, snapshot, run.config.keep_checkpoints)
     except OSError as err:
-        raise UserError(f"cannot write the checkpoint of step {run.progress.step} in {run.run_dir}: "
-                        f"{err.strerror or err}; the previous checkpoint is intact") from None
+        raise UserError(
+            f"cannot write the checkpoint of step {run.progress.step} in {run.run_dir}: "
+            f"{err.strerror or err}; the previous checkpoint is intact"
+        ) from None
     run.saved_step = run.progress.step
     run.report(CheckpointSaved(run.progress.step, str(path)))
 
@@ -266,9 +336,11 @@ def count_outcome(run: Run, loss: Optional[float], grad_norm: float) -> None:
     progress.skipped += 1  # not finite: nothing reached the weights, gates or ranks
     progress.bad_in_a_row += 1
     if progress.bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-        raise Diverged(f"loss or gradients were not finite for {progress.bad_in_a_row} steps in a row "
-                       f"(step {progress.step}); stopped. Lower --lr (now {run.config.lr:g}) or check the data; "
-                       "the last good checkpoint is kept")
+        raise Diverged(
+            f"loss or gradients were not finite for {progress.bad_in_a_row} steps in a row "
+            f"(step {progress.step}); stopped. Lower --lr (now {run.config.lr:g}) or check the data; "
+            "the last good checkpoint is kept"
+        )
 
 
 def maybe_reallocate(run: Run) -> Optional[float]:
@@ -283,20 +355,39 @@ def maybe_reallocate(run: Run) -> Optional[float]:
     seconds = time.perf_counter() - started
     if event is not None:
         write_ranks(run)
-        run.report(Reallocated(step, event.budget, event.pruned, event.added, event.ranks,
-                               run.schedule.next_update(step), seconds))
+        run.report(
+            Reallocated(
+                step, event.budget, event.pruned, event.added, event.ranks, run.schedule.next_update(step), seconds
+            )
+        )
     return seconds
 
 
-def metrics_line(run: Run, loss: Optional[float], grad_norm: float, lr: float, batches: list[dict],
-                 started: tuple[float, float], fit_started: float, memory: MemoryStats) -> dict:
+def metrics_line(
+    run: Run,
+    loss: Optional[float],
+    grad_norm: float,
+    lr: float,
+    batches: list[dict],
+    started: tuple[float, float],
+    fit_started: float,
+    memory: MemoryStats,
+) -> dict:
     now = time.perf_counter()
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    line = {"step": run.progress.step, "loss": float("nan") if loss is None else loss, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_s": tokens / (now - started[0]), "step_s": now - started[0],
-            "step_cpu_s": time.process_time() - started[1], "mem_bytes": memory.allocated or memory.rss,
-            "adapter_bytes": trainable_state_bytes(run.method), "rank_total": run.method.rank_state.total,
-            "elapsed_s": now - fit_started}
+    line = {
+        "step": run.progress.step,
+        "loss": float("nan") if loss is None else loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / (now - started[0]),
+        "step_s": now - started[0],
+        "step_cpu_s": time.process_time() - started[1],
+        "mem_bytes": memory.allocated or memory.rss,
+        "adapter_bytes": trainable_state_bytes(run.method),
+        "rank_total": run.method.rank_state.total,
+        "elapsed_s": now - fit_started,
+    }
     if memory.peak:
         line["peak_bytes"] = memory.peak
     return line
@@ -305,12 +396,22 @@ def metrics_line(run: Run, loss: Optional[float], grad_norm: float, lr: float, b
 def log(run: Run, metrics: TextIO, line: dict, memory: MemoryStats) -> None:
     metrics.write(json.dumps(line) + "\n")
     metrics.flush()
-    run.report(StepLogged(
-        step=line["step"], total_steps=run.schedule.total_steps, epoch=line["step"] / run.schedule.steps_per_epoch,
-        loss=line["loss"], lr=line["lr"], grad_norm=line["grad_norm"], tokens_per_s=line["tokens_per_s"],
-        elapsed_s=line["elapsed_s"], memory=memory, adapter_bytes=line["adapter_bytes"],
-        rank_total=line["rank_total"], skipped_steps=run.progress.skipped,
-    ))
+    run.report(
+        StepLogged(
+            step=line["step"],
+            total_steps=run.schedule.total_steps,
+            epoch=line["step"] / run.schedule.steps_per_epoch,
+            loss=line["loss"],
+            lr=line["lr"],
+            grad_norm=line["grad_norm"],
+            tokens_per_s=line["tokens_per_s"],
+            elapsed_s=line["elapsed_s"],
+            memory=memory,
+            adapter_bytes=line["adapter_bytes"],
+            rank_total=line["rank_total"],
+            skipped_steps=run.progress.skipped,
+        )
+    )
 
 
 def due(every: int, step: int) -> bool:
@@ -331,8 +432,16 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
             lr = lr_at(progress.step, schedule, config.lr)
             phase, line, memory = "training step", None, None
             try:
-                loss, grad_norm = steps.optimizer_step(run.method, batches, lr, config.max_grad_norm, run.device,
-                                                       run.precision.autocast, progress.step + 1, run.scaler)
+                loss, grad_norm = steps.optimizer_step(
+                    run.method,
+                    batches,
+                    lr,
+                    config.max_grad_norm,
+                    run.device,
+                    run.precision.autocast,
+                    progress.step + 1,
+                    run.scaler,
+                )
                 progress.step += 1
                 count_outcome(run, loss, grad_norm)
                 phase = "reallocation"
@@ -344,8 +453,9 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
                 is_last = progress.step == schedule.total_steps
                 if run.data.eval and (is_last or due(schedule.eval_every, progress.step)):
                     phase = "evaluation"
-                    eval_loss = steps.evaluate(run.method.model, run.data.eval, config.batch_size, pad_id,
-                                               run.device, run.precision.autocast)
+                    eval_loss = steps.evaluate(
+                        run.method.model, run.data.eval, config.batch_size, pad_id, run.device, run.precision.autocast
+                    )
                     line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     run.report(Evaluated(progress.step, eval_loss, line["eval_ppl"]))
                 # The metrics line goes first: a run killed after its checkpoint has it.
@@ -390,8 +500,9 @@ def _out_of_memory(run: Run, phase: str, rng_before: dict) -> None:
 def finish(run: Run) -> Path:
     write_ranks(run)
     adapter_dir = run_folder.save_adapter(run.method, run.run_dir, run.source, run.config, run.tokenizer)
-    run.report(RunFinished(run.progress.step, str(run.run_dir), str(adapter_dir),
-                           rank_summary=run.method.rank_summary()))
+    run.report(
+        RunFinished(run.progress.step, str(run.run_dir), str(adapter_dir), rank_summary=run.method.rank_summary())
+    )
     return adapter_dir
 
 
@@ -412,12 +523,20 @@ def train(
     run = setup_run(config, run_dir, report, resume, device, source)
     write_ranks(run)
     schedule = run.schedule
-    report(RunStarted(
-        model=run.source.name, method=config.method, output_dir=str(run_dir), total_steps=schedule.total_steps,
-        steps_per_epoch=schedule.steps_per_epoch, budget=run.method.rank_state.budget,
-        ranks=dict(run.method.rank_state.ranks), update_every=schedule.update_every if run.method.moves_rank else 0,
-        next_update=schedule.next_update(run.progress.step) if run.method.moves_rank else None, device=run.device,
-        start_step=run.progress.step,
-    ))
+    report(
+        RunStarted(
+            model=run.source.name,
+            method=config.method,
+            output_dir=str(run_dir),
+            total_steps=schedule.total_steps,
+            steps_per_epoch=schedule.steps_per_epoch,
+            budget=run.method.rank_state.budget,
+            ranks=dict(run.method.rank_state.ranks),
+            update_every=schedule.update_every if run.method.moves_rank else 0,
+            next_update=schedule.next_update(run.progress.step) if run.method.moves_rank else None,
+            device=run.device,
+            start_step=run.progress.step,
+        )
+    )
     fit(run, should_stop)
     return finish(run)

@@ -54,7 +54,7 @@ def _peak_rss() -> int:
 
 
 def free_memory_note(device: str) -> str:
-    """", 1.2 of 8.0 GiB free" on CUDA (for out-of-memory messages), else ""."""
+    """ ", 1.2 of 8.0 GiB free" on CUDA (for out-of-memory messages), else ""."""
     if not device.startswith("cuda"):
         return ""
     try:
@@ -69,5 +69,8 @@ def trainable_state_bytes(method) -> int:
     + the method's own state (AdaLoRA's importance scores)."""
     params = [p for p in method.model.parameters() if p.requires_grad]
     state = [v for p in params for v in method.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-    return (2 * sum(p.numel() * p.element_size() for p in params)
-            + sum(t.numel() * t.element_size() for t in state) + method.extra_state_bytes())
+    return (
+        2 * sum(p.numel() * p.element_size() for p in params)
+        + sum(t.numel() * t.element_size() for t in state)
+        + method.extra_state_bytes()
+    )

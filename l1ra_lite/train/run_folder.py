@@ -28,17 +28,32 @@ def keep_run_config_in_step(run_dir: Path, config: FinetuneConfig) -> None:
 
 def fingerprint(config: FinetuneConfig, source: ModelSource, budget: int, paths: list[str]) -> dict:
     """What a checkpoint must match to be resumed into this run."""
-    return {"model": source.path, "method": config.method, "budget": budget, "target_modules": sorted(paths),
-            "quant": config.quant}
+    return {
+        "model": source.path,
+        "method": config.method,
+        "budget": budget,
+        "target_modules": sorted(paths),
+        "quant": config.quant,
+    }
+
+
+def _shown(value) -> str:
+    return f"{len(value)} modules" if isinstance(value, list) else repr(value)
 
 
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
-    for key, label in (("model", "model"), ("method", "method"), ("budget", "budget"),
-                       ("target_modules", "target modules"), ("quant", "quantisation")):
+    for key, label in (
+        ("model", "model"),
+        ("method", "method"),
+        ("budget", "budget"),
+        ("target_modules", "target modules"),
+        ("quant", "quantisation"),
+    ):
         if saved.get(key) != current[key]:
-            shown = (lambda v: f"{len(v)} modules" if isinstance(v, list) else repr(v))
-            raise UserError(f"checkpoint {path} was made with a different {label} "
-                            f"({shown(saved.get(key))}, this run: {shown(current[key])}); it cannot be resumed")
+            raise UserError(
+                f"checkpoint {path} was made with a different {label} "
+                f"({_shown(saved.get(key))}, this run: {_shown(current[key])}); it cannot be resumed"
+            )
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -84,4 +99,3 @@ def _all_decoder_linears(model) -> list[str]:
         return [model_path(p) for p in find_targets(model, None)]
     except UserError:  # no numbered blocks: the adapter config will list full paths
         return []
-

@@ -34,8 +34,12 @@ class Schedule:
         return (self.warmup_steps // self.update_every + 1) * self.update_every
 
     def reallocates_at(self, step: int) -> bool:
-        return bool(self.update_every) and step >= self.first_update and step % self.update_every == 0 \
+        return (
+            bool(self.update_every)
+            and step >= self.first_update
+            and step % self.update_every == 0
             and step < self.last_update_bound
+        )
 
     def next_update(self, step: int) -> Optional[int]:
         if not self.update_every:

@@ -28,8 +28,11 @@ class Precision:
 
     @property
     def autocast(self) -> dict:
-        return {"device_type": self.device_type, "dtype": self.dtype,
-                "enabled": self.dtype in (torch.bfloat16, torch.float16)}
+        return {
+            "device_type": self.device_type,
+            "dtype": self.dtype,
+            "enabled": self.dtype in (torch.bfloat16, torch.float16),
+        }
 
     def new_scaler(self) -> Optional[torch.amp.GradScaler]:
         return torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
@@ -52,8 +55,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def forward_backward(model, batch, weight: float, autocast: dict,
-                     scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+def forward_backward(
+    model, batch, weight: float, autocast: dict, scaler: Optional[torch.amp.GradScaler] = None
+) -> torch.Tensor:
     """Loss of one micro-batch (a tensor on the device: reading it would wait for the GPU),
     backward with its weight; the graph dies with this frame (a live graph would pin the
     old shapes of resized parameters)."""
@@ -63,8 +67,16 @@ def forward_backward(model, batch, weight: float, autocast: dict,
     return loss.detach()
 
 
-def optimizer_step(method, batches: list[dict], lr: float, max_grad_norm: float, device: str, autocast: dict,
-                   step_number: int, scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Optional[float], float]:
+def optimizer_step(
+    method,
+    batches: list[dict],
+    lr: float,
+    max_grad_norm: float,
+    device: str,
+    autocast: dict,
+    step_number: int,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> tuple[Optional[float], float]:
     """Forward/backward over the micro-batches, clip, step, then the method's own
     after-step hook. Returns (loss, grad norm); loss is None when the loss or the
     gradients were not finite, and then nothing was updated. With fp16 loss scaling
@@ -100,7 +112,7 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: 
     model.eval()
     total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id)
+        batch = collate(examples[start : start + batch_size], pad_id)
         tokens = label_tokens(batch["labels"])
         if tokens:
             with torch.autocast(**autocast):

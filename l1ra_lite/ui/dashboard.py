@@ -60,8 +60,11 @@ def type_bars(by_type: dict[str, int], bar_width: int = 16) -> Table:
     largest = max(by_type.values(), default=0)
     for mtype, total in by_type.items():
         bar = ProgressBar(
-            total=max(largest, 1), completed=total, width=bar_width,
-            complete_style="magenta", finished_style="magenta",
+            total=max(largest, 1),
+            completed=total,
+            width=bar_width,
+            complete_style="magenta",
+            finished_style="magenta",
         )
         grid.add_row(type_label(mtype), bar, str(total))
     return grid
@@ -285,8 +288,14 @@ def render_memory(state: DashboardState) -> Panel:
             used = max(mem.reserved, mem.peak, mem.allocated)
             card = f"{used / GIB:.2f}/{mem.total / GIB:.2f} GiB ({fraction:.0%})"
             rows.append(("card", Text(card, style=colour)))
-            rows.append(("", ProgressBar(total=mem.total, completed=used, width=24,
-                                         complete_style=colour, finished_style=colour)))
+            rows.append(
+                (
+                    "",
+                    ProgressBar(
+                        total=mem.total, completed=used, width=24, complete_style=colour, finished_style=colour
+                    ),
+                )
+            )
     else:
         rows.append(("resident", format_bytes(mem.rss)))
         if mem.total > 0:
@@ -305,7 +314,9 @@ def render_rank(state: DashboardState) -> Panel:
     if state.last_realloc_step is None:
         summary.append(("last", Text("no reallocation yet", style="dim")))
     else:
-        summary.append(("last", f"step {state.last_realloc_step}: pruned {state.last_pruned}, added {state.last_added}"))
+        summary.append(
+            ("last", f"step {state.last_realloc_step}: pruned {state.last_pruned}, added {state.last_added}")
+        )
     if state.update_every <= 0 and state.reallocations == 0:
         nxt = "reallocation off"
     elif state.next_update is None:
@@ -325,7 +336,9 @@ def render_rank(state: DashboardState) -> Panel:
 def render_header(state: DashboardState) -> Text:
     status = "  [finished]" if state.finished is not None else ""
     return Text.assemble(
-        ("l1ra-lite ", "bold"), (state.method, "bold magenta"), f"  {state.model}  ->  {state.output_dir}",
+        ("l1ra-lite ", "bold"),
+        (state.method, "bold magenta"),
+        f"  {state.model}  ->  {state.output_dir}",
         (status, "bold yellow"),
     )
 
@@ -348,7 +361,9 @@ def render(state: DashboardState) -> RenderableType:
 
 def memory_text(mem: MemoryStats) -> str:
     if mem.device == "cuda":
-        text = f"mem {mem.allocated / GIB:.2f} GiB alloc, {mem.reserved / GIB:.2f} GiB reserved, peak {mem.peak / GIB:.2f}"
+        text = (
+            f"mem {mem.allocated / GIB:.2f} GiB alloc, {mem.reserved / GIB:.2f} GiB reserved, peak {mem.peak / GIB:.2f}"
+        )
         return text + (f"/{mem.total / GIB:.2f} GiB" if mem.total else " GiB")
     return f"rss {mem.rss / GIB:.2f} GiB"
 
@@ -362,18 +377,24 @@ def plain_line(state: DashboardState, event: Event) -> Optional[str]:
     """The log line for an event, from the state after the event was applied."""
     if isinstance(event, RunStarted):
         resumed = f", resuming at step {event.start_step}" if event.start_step else ""
-        return (f"run {event.method} on {event.model} ({event.device}): {event.total_steps} steps, "
-                f"{len(event.ranks)} adapters, budget {event.budget}, output {event.output_dir}{resumed}")
+        return (
+            f"run {event.method} on {event.model} ({event.device}): {event.total_steps} steps, "
+            f"{len(event.ranks)} adapters, budget {event.budget}, output {event.output_dir}{resumed}"
+        )
     if isinstance(event, StepLogged):
-        line = (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
-                f"lr {event.lr:.2e} tok/s {event.tokens_per_s:,.0f} {memory_text(event.memory)} "
-                f"adapter {format_bytes(event.adapter_bytes)} rank {event.rank_total}/{state.budget} "
-                f"eta {format_duration(state.eta_s())}")
+        line = (
+            f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
+            f"lr {event.lr:.2e} tok/s {event.tokens_per_s:,.0f} {memory_text(event.memory)} "
+            f"adapter {format_bytes(event.adapter_bytes)} rank {event.rank_total}/{state.budget} "
+            f"eta {format_duration(state.eta_s())}"
+        )
         return line + (f" skipped {event.skipped_steps}" if event.skipped_steps else "")
     if isinstance(event, Reallocated):
         nxt = f"next at step {event.next_update}" if event.next_update is not None else "no more"
-        return (f"realloc step {event.step}: pruned {state.last_pruned}, added {state.last_added}, "
-                f"{rank_summary_text(state)}, {nxt} ({event.seconds:.2f}s)")
+        return (
+            f"realloc step {event.step}: pruned {state.last_pruned}, added {state.last_added}, "
+            f"{rank_summary_text(state)}, {nxt} ({event.seconds:.2f}s)"
+        )
     if isinstance(event, Evaluated):
         return f"eval step {event.step}: loss {event.eval_loss:.4f} ppl {event.eval_ppl:.2f}"
     if isinstance(event, CheckpointSaved):
@@ -387,8 +408,10 @@ def final_line(event: RunFinished, state: DashboardState) -> str:
     if event.interrupted:
         return f"interrupted at step {event.step}: resume with the same command; run folder {event.output_dir}"
     moves = f"; {event.rank_summary}" if event.rank_summary else ""
-    return (f"finished {event.step} steps in {format_duration(state.elapsed_s)}, {rank_summary_text(state)}{moves}; "
-            f"adapter in {event.adapter_dir}")
+    return (
+        f"finished {event.step} steps in {format_duration(state.elapsed_s)}, {rank_summary_text(state)}{moves}; "
+        f"adapter in {event.adapter_dir}"
+    )
 
 
 # ----------------------------------------------------------------------------------------

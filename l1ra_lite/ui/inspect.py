@@ -48,9 +48,7 @@ def summarize(path) -> dict[str, Any]:
     for candidate in (folder, folder / "adapter"):
         if (candidate / ADAPTER_CONFIG).is_file():
             return _summary_from_adapter(candidate)
-    raise UserError(
-        f"{folder} is neither a run folder (no {RANKS_FILE}) nor an adapter folder (no {ADAPTER_CONFIG})"
-    )
+    raise UserError(f"{folder} is neither a run folder (no {RANKS_FILE}) nor an adapter folder (no {ADAPTER_CONFIG})")
 
 
 def _read_json(file: Path) -> Any:
@@ -98,12 +96,14 @@ def _summary_from_ranks_file(folder: Path) -> dict[str, Any]:
         for i, entry in enumerate(raw_history):
             if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
                 raise ValueError(f"history[{i}] must be an object with an integer 'step'")
-            history.append({
-                "step": entry["step"],
-                "pruned": _count_map(entry.get("pruned"), f"history[{i}].pruned"),
-                "added": _count_map(entry.get("added"), f"history[{i}].added"),
-                "ranks": _rank_map(entry.get("ranks"), f"history[{i}].ranks"),
-            })
+            history.append(
+                {
+                    "step": entry["step"],
+                    "pruned": _count_map(entry.get("pruned"), f"history[{i}].pruned"),
+                    "added": _count_map(entry.get("added"), f"history[{i}].added"),
+                    "ranks": _rank_map(entry.get("ranks"), f"history[{i}].ranks"),
+                }
+            )
     except ValueError as err:
         raise UserError(f"{file} is not a valid rank file: {err}") from None
     return build_summary("run", folder, budget, ranks, history)
@@ -133,8 +133,9 @@ def config_mismatches(config: dict[str, Any], ranks: dict[str, int]) -> list[str
     return problems
 
 
-def build_summary(source: str, folder: Path, budget: int, ranks: dict[str, int],
-                  history: list[dict[str, Any]]) -> dict[str, Any]:
+def build_summary(
+    source: str, folder: Path, budget: int, ranks: dict[str, int], history: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The summary dict from final ranks and the reallocation history."""
     return {
         "source": source,
@@ -182,7 +183,9 @@ def render_summary(summary: dict[str, Any]) -> RenderableType:
     kind = "run" if summary["source"] == "run" else "adapter (no budget or history recorded: budget = total)"
     parts: list[RenderableType] = [
         Text.assemble(("l1ra-lite inspect ", "bold"), summary["path"], f"  [{kind}]"),
-        Text.assemble("total rank ", (f"{total}", f"bold {colour}"), f" / budget {budget}  over {summary['modules']} modules"),
+        Text.assemble(
+            "total rank ", (f"{total}", f"bold {colour}"), f" / budget {budget}  over {summary['modules']} modules"
+        ),
     ]
     for warning in summary.get("warnings", []):
         parts.append(Text(f"warning: {warning}", style="yellow"))
@@ -200,14 +203,21 @@ def _type_table(summary: dict[str, Any]) -> Table:
         counts[mtype] = counts.get(mtype, 0) + 1
     largest = max(summary["by_type"].values(), default=0)
     table = Table(box=None, padding=(0, 1), header_style="dim")
-    for name, justify in (("type", "left"), ("", "left"), ("rank", "right"), ("modules", "right"),
-                          ("mean", "right"), ("share", "right")):
+    for name, justify in (
+        ("type", "left"),
+        ("", "left"),
+        ("rank", "right"),
+        ("modules", "right"),
+        ("mean", "right"),
+        ("share", "right"),
+    ):
         table.add_column(name, justify=justify, no_wrap=True)
     for mtype, total in summary["by_type"].items():
         n = counts[mtype]
         share = total / summary["total_rank"] if summary["total_rank"] else 0.0
-        bar = ProgressBar(total=max(largest, 1), completed=total, width=24,
-                          complete_style="magenta", finished_style="magenta")
+        bar = ProgressBar(
+            total=max(largest, 1), completed=total, width=24, complete_style="magenta", finished_style="magenta"
+        )
         table.add_row(type_label(mtype), bar, str(total), str(n), f"{total / n:.2f}", f"{share:.1%}")
     return table
 
@@ -229,11 +239,15 @@ def history_table(summary: dict[str, Any]) -> Table:
     table.add_column("added", justify="right")
     initial = summary["initial"]
     first = "start" if summary["history"] or summary["source"] == "run" else "now"
-    table.add_row(first, *(str(initial["by_type"].get(t, 0)) for t in types),
-                  str(initial["total_rank"]), "", "")
+    table.add_row(first, *(str(initial["by_type"].get(t, 0)) for t in types), str(initial["total_rank"]), "", "")
     for h in summary["history"]:
-        table.add_row(str(h["step"]), *(str(h["by_type"].get(t, 0)) for t in types),
-                      str(h["total_rank"]), str(h["pruned"]), str(h["added"]))
+        table.add_row(
+            str(h["step"]),
+            *(str(h["by_type"].get(t, 0)) for t in types),
+            str(h["total_rank"]),
+            str(h["pruned"]),
+            str(h["added"]),
+        )
     if not summary["history"]:
         table.caption = "no reallocation recorded"
     return table

@@ -20,7 +20,6 @@ HEAT_CHARS = "░▒▓█"
 HEAT_COLOURS = ("blue", "green", "yellow", "red")
 
 
-
 def type_label(mtype: str) -> str:
     """'q_proj' -> 'q', 'gate_proj' -> 'gate'; other module types are shown as they are."""
     return mtype[: -len("_proj")] if mtype in TYPE_ORDER else mtype
