@@ -466,6 +466,16 @@ def layer_phase_bytes(shape: ModelShape, tokens: int, quant: str, value_bytes: i
 # --- the estimate ---------------------------------------------------------------------
 
 
+def _check_settings(quant: str, seq_len: int, batch_size: int) -> None:
+    from l1ra_lite.models import QUANT_CHOICES
+
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"quant must be one of {', '.join(QUANT_CHOICES)} (got {quant!r})")
+    for key, value in (("seq-len", seq_len), ("batch-size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key} must be a positive integer (got {value!r})")
+
+
 def estimate(
     model_config,
     *,
@@ -485,17 +495,13 @@ def estimate(
     up in this process's environment (l1ra_lite.models.uses_expandable_segments).
     """
     from l1ra_lite.l1ra.inject import default_budget
-    from l1ra_lite.models import QUANT_CHOICES, uses_expandable_segments
+    from l1ra_lite.models import uses_expandable_segments
 
-    if quant not in QUANT_CHOICES:
-        raise UserError(f"quant must be one of {', '.join(QUANT_CHOICES)} (got {quant!r})")
+    _check_settings(quant, seq_len, batch_size)
     value_bytes = compute_bytes(dtype)
     if expandable_segments is None:
         expandable_segments = uses_expandable_segments()
     fragmentation = EXPANDABLE_FRAGMENTATION if expandable_segments else FRAGMENTATION
-    for key, value in (("seq-len", seq_len), ("batch-size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise UserError(f"{key} must be a positive integer (got {value!r})")
     shape = model_shape(model_config, target_modules, quant)
     n_adapters = len(shape.adapted)
     budget = default_budget(n_adapters) if budget is None else budget
