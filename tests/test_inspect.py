@@ -129,6 +129,7 @@ def test_terminal_rendering_shows_totals_heat_map_and_history(tmp_path):
     lines = [" ".join(line.split()) for line in console.export_text().splitlines()]
 
     assert "total rank 112 / budget 112 over 28 modules" in lines
+    assert "7 of 112 ranks moved: up +5, down +2 from k -5, q -2" in lines  # as the run's last line says
     assert any(line.startswith("up ") and line.endswith("21 4 5.25 18.8%") for line in lines)
     assert any(line.startswith("L0 23 L1 26 L2 33 L3 30") for line in lines)
     assert "up 4 4 9 4" in lines  # heat-map row: layer 2's up projection holds 9

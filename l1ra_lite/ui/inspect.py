@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from l1ra_lite.errors import UserError
+from l1ra_lite.l1ra.rank_state import RankState, describe_moves, ranks_before_moves
 from l1ra_lite.module_paths import module_type
 from l1ra_lite.peft_adapter import ADAPTER_CONFIG, configured_rank, read_adapter_config, read_lora_ranks
 from l1ra_lite.ui.rank_views import RankHeatMap, rank_by_layer, rank_by_type, type_label
@@ -137,6 +138,7 @@ def build_summary(
     source: str, folder: Path, budget: int, ranks: dict[str, int], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The summary dict from final ranks and the reallocation history."""
+    before = ranks_before_moves(RankState.from_json({"budget": budget, "ranks": ranks, "history": history}))
     return {
         "source": source,
         "path": str(folder),
@@ -146,7 +148,8 @@ def build_summary(
         "by_type": rank_by_type(ranks),
         "by_layer": {("other" if k is None else str(k)): v for k, v in rank_by_layer(ranks).items()},
         "ranks": dict(ranks),
-        "initial": _totals(ranks_before_history(ranks, history)),
+        "initial": _totals(before),
+        "moves": describe_moves(before, ranks, budget),
         "history": [
             {
                 "step": h["step"],
@@ -158,14 +161,6 @@ def build_summary(
         ],
         "warnings": [],
     }
-
-
-def ranks_before_history(final: dict[str, int], history: list[dict[str, Any]]) -> dict[str, int]:
-    """The ranks before the first reallocation: undo its pruning and adding."""
-    if not history:
-        return dict(final)
-    first = history[0]
-    return {p: r + first["pruned"].get(p, 0) - first["added"].get(p, 0) for p, r in first["ranks"].items()}
 
 
 def _totals(ranks: dict[str, int]) -> dict[str, Any]:
@@ -187,6 +182,8 @@ def render_summary(summary: dict[str, Any]) -> RenderableType:
             "total rank ", (f"{total}", f"bold {colour}"), f" / budget {budget}  over {summary['modules']} modules"
         ),
     ]
+    if summary.get("moves"):
+        parts.append(Text(summary["moves"]))
     for warning in summary.get("warnings", []):
         parts.append(Text(f"warning: {warning}", style="yellow"))
     parts += [Text(""), Text("rank by module type", style="bold"), _type_table(summary)]
