@@ -798,9 +798,9 @@ def test_sync_check_counts_per_step_with_the_debug_mode_emulated(small_llama, tm
     real = loss.causal_lm_loss
 
     def syncing_loss(model, batch, *args, **kwargs):
-        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # located here
         out = real(model, batch, *args, **kwargs)
-        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # located here
         return out
 
     monkeypatch.setattr(loss, "causal_lm_loss", syncing_loss)
