@@ -36,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -390,12 +391,12 @@ def sweep_document(
 
 
 class Stop:
-    """SIGTERM / SIGINT: pass it on to the run in progress (which checkpoints and exits),
+    """SIGTERM / SIGINT: pass it on to the runs in progress (each checkpoints and exits),
     then stop the sweep."""
 
     def __init__(self):
         self.requested = False
-        self.child: Optional[subprocess.Popen] = None
+        self.children: set[subprocess.Popen] = set()
 
     def install(self) -> None:
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -406,12 +407,13 @@ class Stop:
 
     def handle(self, signum, frame) -> None:
         self.requested = True
-        if self.child is not None and self.child.returncode is None:
-            try:
-                self.child.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        print("lr_sweep: stopping; the run in progress writes a checkpoint", file=sys.stderr, flush=True)
+        for child in list(self.children):
+            if child.returncode is None:
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        print("lr_sweep: stopping; the runs in progress write a checkpoint", file=sys.stderr, flush=True)
 
 
 def _alive(pid: int) -> bool:
@@ -443,8 +445,8 @@ def take_lock(sweep_dir: Path) -> Path:
     return lock
 
 
-def write_lock(lock: Path, child: Optional[int] = None) -> None:
-    lock.write_text(f"{os.getpid()}" + (f" {child}" if child else "") + "\n")
+def write_lock(lock: Path, children: tuple[int, ...] = ()) -> None:
+    lock.write_text(" ".join(str(pid) for pid in (os.getpid(), *children)) + "\n")
 
 
 def train_one(
@@ -481,14 +483,17 @@ def train_one(
     log_path = runs_dir / (f"{name}.log" if not attempts else f"{name}.{len(attempts)}.log")
     print(f"lr_sweep: {name}: {kind} at step {state['steps_done']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
 
+    started_proc: list[subprocess.Popen] = []
+
     def started(proc: subprocess.Popen) -> None:
-        stop.child = proc
+        started_proc.append(proc)
+        stop.children.add(proc)
         if lock is not None:
-            write_lock(lock, proc.pid)
+            write_lock(lock, tuple(c.pid for c in stop.children))
 
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     child = run.run_child(cmd, log_path, timeout_s, run.child_env(threads), on_start=started)
-    stop.child = None
+    stop.children.difference_update(started_proc)
     after = run_state(run_dir)
     attempts.append(
         {
@@ -546,6 +551,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     p.add_argument("--dry-run", action="store_true", help="print the order and the command lines, run nothing")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds allowed to one process (default 6 h)")
     p.add_argument("--threads", type=int, help="CPU threads of each run (bench/run.py --threads)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="grid points trained at once (default 1; e.g. one per core with --threads 1)",
+    )
     args, rest = p.parse_known_args(argv)
     if any(
         a.split("=")[0] in ("--quick", "--methods", "--results", "--runs-dir", "--lr", "--threads", "--timeout")
@@ -640,13 +651,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             # Unfinished runs first (their steps are paid for), then the rest in order.
             states = {p: run_state(runs_dir / run_name(*p))["status"] for p in order}
             todo = [p for p in order if states[p] in ("partial", "stale")] + [p for p in order if states[p] == "absent"]
-            ran = 0
-            for method, lr in todo:
-                if stop.requested or (args.max_runs is not None and ran >= args.max_runs):
-                    break
-                train_one(method, lr, settings, runs_dir, args.save_every, args.timeout, args.threads, stop, lock)
-                ran += 1
-                write_results()
+            if args.max_runs is not None:
+                todo = todo[: args.max_runs]
+            pending = iter(todo)
+            take_next = threading.Lock()  # the workers share one queue and one results file
+
+            def worker() -> None:
+                while not stop.requested:
+                    with take_next:
+                        point = next(pending, None)
+                    if point is None:
+                        return
+                    train_one(*point, settings, runs_dir, args.save_every, args.timeout, args.threads, stop, lock)
+                    with take_next:
+                        write_results()
+
+            workers = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         finally:
             stop.uninstall()
             lock.unlink(missing_ok=True)

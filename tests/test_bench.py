@@ -490,7 +490,7 @@ def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp
     first = sweep_dir / "runs" / "lora-lr0.001"
     shutil.rmtree(first / "adapter")  # as if stopped after its last checkpoint
     assert lr_sweep.run_state(first)["status"] == "partial"
-    assert lr_sweep.main(args) == 0
+    assert lr_sweep.main([*args, "--jobs", "2"]) == 0  # the resume and the other point at once
     doc = json.loads(results.read_text())
     assert [r["status"] for r in doc["runs"]] == ["finished", "finished"]
     attempts = lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.001")
