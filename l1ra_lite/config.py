@@ -45,6 +45,7 @@ class FinetuneConfig:
     shrink_until: float = (
         1.0  # share of the run after which the L1 shrink and reallocations stop and the gates fold into B
     )
+    ranks_from: Optional[str] = None  # a run folder (or its ranks.json) whose final ranks this run starts with
     log_gates: bool = False  # write every rank's gate, moments and age at each reallocation (gates/)
     # data
     seq_len: int = 512
@@ -189,6 +190,8 @@ def validate(config: FinetuneConfig) -> None:
         raise UserError(f"keep-checkpoints must be at least 1 (got {config.keep_checkpoints})")
     if not 0 < config.shrink_until <= 1:
         raise UserError(f"shrink-until must be in (0, 1] (got {config.shrink_until})")
+    if config.ranks_from and config.method == "adalora":
+        raise UserError("ranks-from applies to --method l1ra or lora (AdaLoRA sets its own ranks)")
     if not 0 <= config.eval_fraction < 1:
         raise UserError(f"eval-fraction must be in [0, 1) (got {config.eval_fraction})")
     if isinstance(config.target_modules, str):

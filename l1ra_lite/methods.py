@@ -19,6 +19,7 @@ from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda, shrink_steps
 from l1ra_lite.l1ra.inject import default_budget, find_targets, initial_ranks
 from l1ra_lite.l1ra.method import L1RAMethod
 from l1ra_lite.l1ra.rank_state import RankState, ReallocationRecord
+from l1ra_lite.rank_pattern import check_rank_pattern
 
 
 class AdapterMethod(Protocol):
@@ -93,7 +94,8 @@ def _lora(
     saved_ranks: Optional[dict[str, int]],
 ) -> PeftLoRA:
     torch.manual_seed(config.seed)  # peft draws its init from the global generator
-    ranks = initial_ranks(common["budget"], len(common["paths"]))
+    paths = common["paths"]
+    ranks = [saved_ranks[p] for p in paths] if saved_ranks else initial_ranks(common["budget"], len(paths))
     return PeftLoRA.attach(
         model, common["paths"], ranks, common["alpha"], config.dropout, config.lr, config.weight_decay
     )
@@ -129,11 +131,16 @@ METHODS: dict[str, Callable[..., AdapterMethod]] = {"l1ra": _l1ra, "lora": _lora
 def attach_method(
     model, config: FinetuneConfig, schedule, saved_ranks: Optional[dict[str, int]] = None
 ) -> AdapterMethod:
-    """Put `config.method`'s adapters on `model` at the run's budget (default 8 a module)
-    and alpha (default: the mean rank, so the scale is 1). `schedule` is the run's
-    l1ra_lite.train.Schedule (total, warmup and update steps)."""
+    """Put `config.method`'s adapters on `model` at the run's budget (default 8 a module,
+    or the total of --ranks-from) and alpha (default: the mean rank, so the scale is 1).
+    `saved_ranks`: the ranks to start from (a checkpoint's, or the --ranks-from layout).
+    `schedule` is the run's l1ra_lite.train.Schedule (total, warmup and update steps)."""
     paths = find_targets(model, config.target_modules)
-    budget = config.budget if config.budget is not None else default_budget(len(paths))
+    if config.ranks_from and saved_ranks:
+        budget = config.budget if config.budget is not None else sum(saved_ranks.values())
+        check_rank_pattern(saved_ranks, paths, budget, config.ranks_from)
+    else:
+        budget = config.budget if config.budget is not None else default_budget(len(paths))
     initial_ranks(budget, len(paths))  # refuses a budget below one rank per module
     alpha = config.alpha if config.alpha is not None else budget / len(paths)
     common = {"paths": paths, "budget": budget, "alpha": alpha}

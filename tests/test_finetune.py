@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from l1ra_lite.cli import main
-from l1ra_lite.config import FinetuneConfig
+from l1ra_lite.config import FinetuneConfig, validate
+from l1ra_lite.errors import UserError
 from l1ra_lite.l1ra import inject_adapters
 from l1ra_lite.train import Interrupted, train
 
@@ -206,6 +207,42 @@ def test_stock_peft_methods_run_through_the_same_loop(workdir, method):
     else:
         assert config["target_r"] == 2 and config["init_r"] == 3 and config["deltaT"] == 3
         assert json.loads((run_dir / "ranks.json").read_text())["budget"] == 2 * 14  # the total it ends at
+
+
+@pytest.mark.parametrize("method", ["lora", "l1ra"])
+def test_a_run_starts_from_the_layout_another_run_ended_with(workdir, finished, method):
+    """--ranks-from: stock LoRA (or L1RA) at the layout L1RA found, at that run's total."""
+    layout = json.loads((finished[0] / "ranks.json").read_text())["ranks"]
+    paths = list(layout)
+    layout.update({paths[0]: 1, paths[1]: 3, paths[2]: 4, paths[3]: 1, paths[4]: 1})  # was 2 each: still 28
+    source = workdir / f"layout-{method}.json"
+    source.write_text(json.dumps({"budget": 28, "ranks": layout}))
+    run_dir, adapter = run(
+        workdir, f"from-layout-{method}", method=method, budget=None, ranks_from=str(source), update_every=0
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {k: v for k, v in config["rank_pattern"].items() if v != config["r"]} == {
+        k: v for k, v in layout.items() if v != config["r"]
+    }
+    assert json.loads((run_dir / "ranks.json").read_text())["ranks"] == layout
+    assert json.loads((run_dir / "config.json").read_text())["budget"] == 28
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(budget=30), "holds 28 ranks but --budget is 30; leave --budget out"),
+        (dict(target_modules=["q_proj"]), "its modules are not the ones this run adapts"),
+    ],
+)
+def test_a_layout_that_does_not_fit_the_run_is_refused(workdir, finished, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(tiny_config(workdir, ranks_from=str(finished[0]), **overrides), tmp_path, lambda e: None, device="cpu")
+    with pytest.raises(UserError, match="ranks-from applies to --method l1ra or lora"):
+        validate(tiny_config(workdir, ranks_from=str(finished[0]), method="adalora"))
+    (tmp_path / "ranks.json").write_text('{"ranks": {"model.layers.0.self_attn.q_proj": 0}}')
+    with pytest.raises(UserError, match="rank \\(a whole number >= 1\\)"):
+        train(tiny_config(workdir, ranks_from=str(tmp_path)), tmp_path, lambda e: None, device="cpu")
 
 
 def test_nf4_base_with_the_default_budget(workdir):

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     group = p.add_argument_group("rank and L1RA")
     opt("--budget", "total rank over all adapters, conserved by reallocation (default 8 x adapters)", type=int)
+    opt(
+        "--ranks-from",
+        "start from the ranks a finished run ended with (its folder or ranks.json): e.g. stock LoRA "
+        "at the layout L1RA found; the budget is that run's total",
+    )
     opt("--alpha", "LoRA alpha; the scale is alpha / mean rank (default: the mean rank, scale 1)", type=float)
     opt("--dropout", "dropout on the adapter input", type=float)
     opt("--l1-lambda", "L1 penalty on the gates: a number, or auto = l1-kappa / (eta-c x steps of the shrink window)")

@@ -44,6 +44,7 @@ from l1ra_lite.events import (
 from l1ra_lite.l1ra.rank_state import RankState
 from l1ra_lite.methods import AdapterMethod, attach_method
 from l1ra_lite.models import ModelSource, compute_dtype, default_device, load_model, load_tokenizer
+from l1ra_lite.rank_pattern import read_rank_pattern
 from l1ra_lite.train import run_folder
 from l1ra_lite.train import step as steps
 from l1ra_lite.train.measure import free_memory_note, memory_stats, reset_peak_memory, trainable_state_bytes
@@ -233,6 +234,8 @@ def setup_run(
     checkpoint_path = ckpt.latest_checkpoint(run_dir) if resume else None
     checkpoint = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path else None
     saved_ranks = checkpoint.state["rank_state"]["ranks"] if checkpoint else None
+    if saved_ranks is None and config.ranks_from:
+        saved_ranks = read_rank_pattern(config.ranks_from)  # read before the model loads: fail fast
 
     torch.manual_seed(config.seed)
     method = _load_with_adapters(config, source, device, precision.dtype, schedule, saved_ranks)
