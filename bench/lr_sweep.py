@@ -33,11 +33,7 @@ import hashlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +42,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import run  # noqa: E402
+from bench.run_queue import (  # noqa: E402
+    Stop,
+    read_attempts,
+    resume_command,
+    run_state,
+    take_lock,
+    train_one,
+    training_now,
+    work_through,
+)
 from bench.summary import method_figures, read_final_ranks, read_metrics  # noqa: E402
 
 DEFAULT_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # log-spaced, factor 2-2.5
@@ -157,57 +163,6 @@ def sweep_command(method: str, lr: float, settings: dict[str, Any], run_dir: Pat
     cmd = run.finetune_command(method, own, run_dir)
     cmd[cmd.index("--save-every") + 1] = str(save_every)
     return cmd + ["--skip-bad-rows"]  # as the embedded corpus is read in the bench (none in the rows written)
-
-
-def resume_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "l1ra_lite", "finetune", "--resume", str(run_dir), "--plain"]
-
-
-# ---------------------------------------------------------------- state of a run folder
-
-
-def run_state(run_dir: Path) -> dict[str, Any]:
-    """What a run folder holds: status "finished" (adapter written after the last step),
-    "partial" (a checkpoint to resume from), "stale" (started, no checkpoint: start
-    again) or "absent"; the steps done and the total."""
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        return {"status": "absent" if not run_dir.exists() else "stale", "steps_done": 0, "total_steps": None}
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    total = config.get("total_steps")
-    metrics_path = run_dir / "metrics.jsonl"
-    lines = read_metrics(metrics_path) if metrics_path.exists() else []
-    done = lines[-1]["step"] if lines else 0
-    if total and done >= total and (run_dir / "adapter" / "adapter_config.json").exists():
-        status = "finished"
-    elif (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*")):
-        status = "partial"
-    else:
-        status = "stale"
-    return {"status": status, "steps_done": done, "total_steps": total}
-
-
-def training_now(run_dir: Path) -> Optional[int]:
-    """The pid of a live `l1ra_lite finetune` process that trains `run_dir` (Linux: read
-    from /proc; elsewhere None)."""
-    target = str(run_dir)
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "l1ra_lite" in args and "finetune" in args and target in args:
-            return int(cmdline.parent.name)
-    return None
-
-
-def _attempts_path(runs_dir: Path, name: str) -> Path:
-    return runs_dir / f"{name}.attempts.json"
-
-
-def read_attempts(runs_dir: Path, name: str) -> list[dict[str, Any]]:
-    path = _attempts_path(runs_dir, name)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
 
 
 def run_record(method: str, lr: float, alpha: Optional[float], runs_dir: Path, warmup_skip: int) -> dict[str, Any]:
@@ -390,137 +345,6 @@ def sweep_document(
 # ---------------------------------------------------------------- running
 
 
-class Stop:
-    """SIGTERM / SIGINT: pass it on to the runs in progress (each checkpoints and exits),
-    then stop the sweep."""
-
-    def __init__(self):
-        self.requested = False
-        self.children: set[subprocess.Popen] = set()
-
-    def install(self) -> None:
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def uninstall(self) -> None:
-        for s, handler in getattr(self, "previous", {}).items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame) -> None:
-        self.requested = True
-        for child in list(self.children):
-            if child.returncode is None:
-                try:
-                    child.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        print("lr_sweep: stopping; the runs in progress write a checkpoint", file=sys.stderr, flush=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def take_lock(sweep_dir: Path) -> Path:
-    """One sweep at a time per folder: two would train the same run folder at once. The
-    lock holds the sweep's pid and its run's (a run outlives a sweep killed with SIGKILL)."""
-    lock = sweep_dir / "lock"
-    if lock.exists():
-        try:
-            pids = [int(x) for x in lock.read_text().split()]
-        except ValueError:
-            pids = []
-        busy = [pid for pid in pids if pid != os.getpid() and _alive(pid)]
-        if busy:
-            raise SystemExit(
-                f"lr_sweep: another sweep or its run (pid {', '.join(map(str, busy))}) works in "
-                f"{sweep_dir}; wait for it or stop it (kill {busy[0]}: a run writes a checkpoint)"
-            )
-    write_lock(lock)
-    return lock
-
-
-def write_lock(lock: Path, children: tuple[int, ...] = ()) -> None:
-    lock.write_text(" ".join(str(pid) for pid in (os.getpid(), *children)) + "\n")
-
-
-def train_one(
-    method: str,
-    lr: float,
-    settings: dict[str, Any],
-    runs_dir: Path,
-    save_every: int,
-    timeout_s: float,
-    threads: Optional[int],
-    stop: Stop,
-    lock: Optional[Path] = None,
-) -> Optional[int]:
-    """Bring one grid point to the end: read it if finished, resume it if it has a
-    checkpoint, else start it. Returns the child's exit code (None if nothing ran)."""
-    name = run_name(method, lr)
-    run_dir = runs_dir / name
-    state = run_state(run_dir)
-    if state["status"] == "finished":
-        return None
-    busy = training_now(run_dir)
-    if busy is not None:  # e.g. the run of a sweep that was killed with SIGKILL
-        print(f"lr_sweep: {name}: process {busy} trains it already; skipped", file=sys.stderr, flush=True)
-        return None
-    if state["status"] == "partial":
-        cmd, kind = resume_command(run_dir), "resume"
-    else:
-        cmd = sweep_command(method, lr, settings, run_dir, save_every)
-        kind = "start"
-        if state["status"] == "stale":
-            cmd.append("--overwrite")
-            kind = "restart"
-    attempts = read_attempts(runs_dir, name)
-    log_path = runs_dir / (f"{name}.log" if not attempts else f"{name}.{len(attempts)}.log")
-    print(f"lr_sweep: {name}: {kind} at step {state['steps_done']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-
-    started_proc: list[subprocess.Popen] = []
-
-    def started(proc: subprocess.Popen) -> None:
-        started_proc.append(proc)
-        stop.children.add(proc)
-        if lock is not None:
-            write_lock(lock, tuple(c.pid for c in stop.children))
-
-    date = time.strftime("%Y-%m-%d %H:%M:%S")
-    child = run.run_child(cmd, log_path, timeout_s, run.child_env(threads), on_start=started)
-    stop.children.difference_update(started_proc)
-    after = run_state(run_dir)
-    attempts.append(
-        {
-            "date": date,
-            "kind": kind,
-            "from_step": state["steps_done"],
-            "to_step": after["steps_done"],
-            "returncode": child.returncode,
-            "wall_s": round(child.wall_s, 1),
-            "cpu_s": round(child.cpu_s, 1),
-            "threads": threads,
-            "load_average_end": list(os.getloadavg()),
-            "log": log_path.name,
-        }
-    )
-    _attempts_path(runs_dir, name).write_text(json.dumps(attempts, indent=1) + "\n", encoding="utf-8")
-    print(
-        f"lr_sweep: {name}: exit {child.returncode} at step {after['steps_done']}/{after['total_steps']} "
-        f"({child.wall_s:.0f} s, {child.cpu_s:.0f} s CPU)",
-        file=sys.stderr,
-        flush=True,
-    )
-    if child.returncode != 0 and not stop.requested:
-        print(f"lr_sweep: {name} failed; last lines of {log_path}:\n{run.tail(log_path)}", file=sys.stderr, flush=True)
-    return child.returncode
-
-
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -644,8 +468,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{run_name(m, lr)} [{state['status']}, {state['steps_done']} steps]: {' '.join(cmd[1:])}")
         return 0
     if not args.report:
-        lock = take_lock(sweep_dir)
-        stop = Stop()
+        lock = take_lock(sweep_dir, "lr_sweep")
+        stop = Stop("lr_sweep")
         stop.install()
         try:
             # Unfinished runs first (their steps are paid for), then the rest in order.
@@ -653,24 +477,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             todo = [p for p in order if states[p] in ("partial", "stale")] + [p for p in order if states[p] == "absent"]
             if args.max_runs is not None:
                 todo = todo[: args.max_runs]
-            pending = iter(todo)
-            take_next = threading.Lock()  # the workers share one queue and one results file
 
-            def worker() -> None:
-                while not stop.requested:
-                    with take_next:
-                        point = next(pending, None)
-                    if point is None:
-                        return
-                    train_one(*point, settings, runs_dir, args.save_every, args.timeout, args.threads, stop, lock)
-                    with take_next:
-                        write_results()
+            def trainer(method: str, lr: float):
+                name = run_name(method, lr)
+                cmd = sweep_command(method, lr, settings, runs_dir / name, args.save_every)
+                return lambda: train_one(name, cmd, runs_dir, args.timeout, args.threads, stop, lock, "lr_sweep")
 
-            workers = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            work_through([trainer(*point) for point in todo], args.jobs, stop, write_results)
         finally:
             stop.uninstall()
             lock.unlink(missing_ok=True)

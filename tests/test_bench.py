@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: `bench` package
 
-from bench import gpu_bench, gpu_checks, lr_sweep, run, seeds  # noqa: E402
+from bench import gpu_bench, gpu_checks, lr_sweep, run, run_queue, seeds  # noqa: E402
 from bench.summary import (  # noqa: E402
     check_targets,
     compare,
@@ -159,27 +159,84 @@ def test_ratios_and_targets():
     assert checks["trainable_state_l1ra_over_adalora"]["met"] is None  # no AdaLoRA run
 
 
-def test_seed_comparison_pairs_the_methods_by_seed():
-    docs = {
-        seed: {"methods": {"lora": {"eval_loss": lora}, "l1ra": {"eval_loss": l1ra}}}
-        for seed, lora, l1ra in ((43, 1.50, 1.48), (42, 1.40, 1.43), (44, 1.60, 1.60))
-    }
-    summary = seeds.compare_seeds(docs)
-    assert list(summary["eval_loss"]) == [42, 43, 44]
-    assert summary["l1ra_minus_lora"] == pytest.approx([0.03, -0.02, 0.0])
-    assert summary["l1ra_minus_lora_mean"] == pytest.approx(0.01 / 3)
-    assert summary["l1ra_minus_lora_stdev"] == pytest.approx(0.025166, rel=1e-4)
-    assert summary["mean"]["lora"] == pytest.approx(1.5) and summary["mean"]["l1ra"] == pytest.approx(1.5033, rel=1e-4)
-    assert summary["l1ra_at_or_below_lora"] == 2 and summary["seeds"] == 3
-    text = seeds.render(summary)
-    assert "42     1.4000   1.4300   +0.0300" in text and "in 2 of 3 seeds" in text
+def test_seeds_pair_every_variant_with_lora_and_count_the_rank_moved(tmp_path):
+    runs = tmp_path / "runs"
+    for variant, seed, loss in (("lora", 42, 1.40), ("lora", 43, 1.50), ("l1ra-importance", 42, 1.43)):
+        write_run(runs / seeds.run_name(variant, seed), 300, checkpoint=True, adapter=True, evals={300: loss})
+    write_run(runs / "l1ra-importance-s43", 200, checkpoint=True, evals={150: 1.6})  # unfinished: not paired
+    before = {"l.0.q_proj": 4, "l.0.k_proj": 4, "l.0.up_proj": 4, "l.1.up_proj": 4}
+    moved = [
+        {"step": 30, "pruned": {"l.0.k_proj": 2}, "added": {"l.0.up_proj": 2}},
+        {"step": 200, "pruned": {"l.0.up_proj": 1, "l.0.q_proj": 1}, "added": {"l.1.up_proj": 2}},
+    ]
+    ranks = dict(before)
+    for event in moved:  # each event records the ranks after it
+        for p, n in event["pruned"].items():
+            ranks[p] -= n
+        for p, n in event["added"].items():
+            ranks[p] += n
+        event["ranks"] = dict(ranks)
+    (runs / "l1ra-importance-s42" / "ranks.json").write_text(
+        json.dumps({"budget": 16, "ranks": ranks, "history": moved})
+    )
+    records = [seeds.run_record(v, s, runs) for s in (42, 43) for v in ("lora", "l1ra-importance")]
+    table = seeds.compare(records, ["lora", "l1ra-importance"], [42, 43])
+    mine = table["l1ra-importance"]
+    assert mine["minus_lora"] == {42: pytest.approx(0.03)} and mine["paired_seeds"] == 1
+    assert mine["eval_loss"] == {42: 1.43, 43: None} and mine["at_or_below_lora"] == 0
+    assert table["lora"]["mean"] == pytest.approx(1.45) and table["lora"]["minus_lora"] == {42: 0.0, 43: 0.0}
+    m = records[1]["moves"]
+    assert (m["cut"], m["cut_by_60pct"], m["moved"]) == (4, 2, 3)  # 60% of 300 steps: step 180
+    assert m["net_by_type"] == {"k": -2, "q": -1, "up": 3} and mine["gains_in_seeds"] == {"k": 0, "q": 0, "up": 1}
+    doc = {"seeds": [42, 43], "variants": ["lora", "l1ra-importance"], "compare": table, "runs": records}
+    text = seeds.render(doc)
+    assert "| 42 | 1.4000 | 1.4300 |" in text and "| 43 | 1.5000 | - |" in text
+    assert "l1ra-importance - lora: +0.0300 over 1 paired seeds; at or below LoRA in 0 of 1" in text
+    assert "seed 42: 4 ranks cut (2 by 60% of the run), 3 of 16 moved on net: k -2, q -1, up +3" in text
 
 
-def test_seed_script_refuses_the_options_it_sets():
+def test_seed_variants_are_the_bench_command_with_their_own_options(tmp_path):
+    args, rest = seeds.parse_args(["--variants", "lora-at-importance-layout,l1ra-importance-half", "--steps", "5"])
+    assert args.variants == ["lora", "l1ra-importance", "lora-at-importance-layout", "l1ra-importance-half"]
+    assert rest == ["--steps", "5"] and args.seeds == [42, 43, 44, 45, 46]
+    settings = run.bench_settings(run.parse_args([]), 210)
+    half = seeds.finetune_command("l1ra-importance-half", 43, settings, tmp_path, 25)
+    assert half[half.index("--output") + 1] == str(tmp_path / "l1ra-importance-half-s43")
+    assert half[-2:] == ["--budget", "420"] and "--log-gates" in half and half[half.index("--seed") + 1] == "43"
+    layout = seeds.finetune_command("lora-at-importance-layout", 42, settings, tmp_path, 25)
+    assert layout[layout.index("--method") + 1] == "lora"
+    assert layout[-2:] == ["--ranks-from", str(tmp_path / "l1ra-importance-s42")]
     with pytest.raises(SystemExit, match="set by this script"):
         seeds.main(["--seed", "1"])
     with pytest.raises(SystemExit, match="comma-separated integers"):
         seeds.main(["--seeds", "a,b"])
+    with pytest.raises(SystemExit, match="unknown: \\['nope'\\]"):
+        seeds.main(["--variants", "nope"])
+
+
+def test_a_tiny_seed_table_trains_the_layout_control_after_its_source(tmp_path):
+    from tests.tiny import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n" for i in range(60))
+    )
+    results = tmp_path / "seeds.json"
+    args = ["--runs-dir", str(tmp_path / "runs"), "--results", str(results), "--seeds", "3", "--threads", "1"]
+    args += ["--variants", "lora-at-importance-layout", "--model", str(tmp_path / "base"), "--data", str(data)]
+    args += ["--quant", "none", "--steps", "6", "--seq-len", "48", "--update-every", "2", "--budget", "28"]
+    assert seeds.main(args) == 0
+    doc = json.loads(results.read_text())
+    assert [(r["name"], r["status"]) for r in doc["runs"]] == [
+        ("lora-s3", "finished"),
+        ("l1ra-importance-s3", "finished"),
+        ("lora-at-importance-layout-s3", "finished"),
+    ]
+    source = json.loads((tmp_path / "runs" / "l1ra-importance-s3" / "ranks.json").read_text())["ranks"]
+    control = json.loads((tmp_path / "runs" / "lora-at-importance-layout-s3" / "ranks.json").read_text())["ranks"]
+    assert control == source
+    assert doc["compare"]["lora-at-importance-layout"]["paired_seeds"] == 1
 
 
 def test_results_document_and_table(tmp_path):
@@ -382,16 +439,16 @@ def write_run(folder, steps_done, total=300, checkpoint=False, adapter=False, ev
 
 
 def test_a_run_folder_is_read_resumed_or_started_again(tmp_path):
-    assert lr_sweep.run_state(tmp_path / "none")["status"] == "absent"
+    assert run_queue.run_state(tmp_path / "none")["status"] == "absent"
     (tmp_path / "empty").mkdir()
-    assert lr_sweep.run_state(tmp_path / "empty")["status"] == "stale"
+    assert run_queue.run_state(tmp_path / "empty")["status"] == "stale"
     write_run(tmp_path / "stale", 10)
-    assert lr_sweep.run_state(tmp_path / "stale")["status"] == "stale"  # no checkpoint: start again
+    assert run_queue.run_state(tmp_path / "stale")["status"] == "stale"  # no checkpoint: start again
     write_run(tmp_path / "partial", 30, checkpoint=True, evals={25: 2.5})
-    assert lr_sweep.run_state(tmp_path / "partial") == {"status": "partial", "steps_done": 30, "total_steps": 300}
+    assert run_queue.run_state(tmp_path / "partial") == {"status": "partial", "steps_done": 30, "total_steps": 300}
     write_run(tmp_path / "done", 300, checkpoint=True, adapter=True, evals={150: 2.0, 300: 1.5})
-    assert lr_sweep.run_state(tmp_path / "done")["status"] == "finished"
-    assert lr_sweep.resume_command(tmp_path / "partial")[-3:] == ["--resume", str(tmp_path / "partial"), "--plain"]
+    assert run_queue.run_state(tmp_path / "done")["status"] == "finished"
+    assert run_queue.resume_command(tmp_path / "partial")[-3:] == ["--resume", str(tmp_path / "partial"), "--plain"]
 
 
 def test_the_sweep_figures_and_the_best_rate_of_each_method(tmp_path):
@@ -418,17 +475,17 @@ def test_the_sweep_figures_and_the_best_rate_of_each_method(tmp_path):
 
 
 def test_one_sweep_at_a_time_even_when_only_its_run_is_left(tmp_path):
-    lock = lr_sweep.take_lock(tmp_path)
+    lock = run_queue.take_lock(tmp_path)
     assert lock.read_text().split() == [str(os.getpid())]  # our own lock: taken again
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(f"999999999 {sleeper.pid}\n")  # a sweep gone, its run still training
         with pytest.raises(SystemExit, match=f"pid {sleeper.pid}"):
-            lr_sweep.take_lock(tmp_path)
+            run_queue.take_lock(tmp_path)
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert lr_sweep.take_lock(tmp_path) == lock  # both gone: a stale lock
+    assert run_queue.take_lock(tmp_path) == lock  # both gone: a stale lock
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
@@ -440,15 +497,15 @@ def test_a_run_that_some_process_trains_is_shown_running_and_not_started_twice(t
     )
     try:
         time.sleep(0.5)
-        assert lr_sweep.training_now(run_dir) == trainer.pid
+        assert run_queue.training_now(run_dir) == trainer.pid
         record = lr_sweep.run_record("lora", 1e-3, None, tmp_path / "runs", 2)
         assert (record["status"], record["pid"]) == ("running", trainer.pid)
-        assert lr_sweep.train_one("lora", 1e-3, {}, tmp_path / "runs", 25, 60, 1, lr_sweep.Stop()) is None
-        assert lr_sweep.read_attempts(tmp_path / "runs", "lora-lr0.001") == []
+        assert run_queue.train_one("lora-lr0.001", ["never", "run"], tmp_path / "runs", 60, 1, run_queue.Stop()) is None
+        assert run_queue.read_attempts(tmp_path / "runs", "lora-lr0.001") == []
     finally:
         trainer.kill()
         trainer.wait()
-    assert lr_sweep.training_now(run_dir) is None
+    assert run_queue.training_now(run_dir) is None
 
 
 def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp_path):
@@ -489,15 +546,15 @@ def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp
     assert [r["status"] for r in doc["runs"]] == ["finished", "absent"]  # 1e-3 is nearest to 2e-4
     first = sweep_dir / "runs" / "lora-lr0.001"
     shutil.rmtree(first / "adapter")  # as if stopped after its last checkpoint
-    assert lr_sweep.run_state(first)["status"] == "partial"
+    assert run_queue.run_state(first)["status"] == "partial"
     assert lr_sweep.main([*args, "--jobs", "2"]) == 0  # the resume and the other point at once
     doc = json.loads(results.read_text())
     assert [r["status"] for r in doc["runs"]] == ["finished", "finished"]
-    attempts = lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.001")
+    attempts = run_queue.read_attempts(sweep_dir / "runs", "lora-lr0.001")
     assert [a["kind"] for a in attempts] == ["start", "resume"] and attempts[-1]["returncode"] == 0
     assert lr_sweep.main(args) == 0  # all finished: read, not rerun
-    assert len(lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.001")) == 2
-    assert len(lr_sweep.read_attempts(sweep_dir / "runs", "lora-lr0.004")) == 1
+    assert len(run_queue.read_attempts(sweep_dir / "runs", "lora-lr0.001")) == 2
+    assert len(run_queue.read_attempts(sweep_dir / "runs", "lora-lr0.004")) == 1
     assert doc["winners"]["lora"]["complete"] is True
     with pytest.raises(SystemExit, match="other settings"):
         lr_sweep.main([*args[:-2], "--seq-len", "64"])
