@@ -29,7 +29,8 @@ from l1ra_lite import __version__
 from l1ra_lite import checkpoint as ckpt
 from l1ra_lite.atomic import write_json_atomic
 from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda
-from l1ra_lite.data import DataSplits, collate, epoch_order, prepare_data
+from l1ra_lite.data import DataSplits, collate, default_data_cache, epoch_order, prepare_data
+from l1ra_lite.data.templates import use_chat_template
 from l1ra_lite.errors import UserError
 from l1ra_lite.events import (
     CheckpointSaved,
@@ -216,6 +217,7 @@ def setup_run(
 
     # Data first: a bad file should fail before minutes of model loading.
     tokenizer = load_tokenizer(source, config.trust_remote_code)
+    use_chat_template(tokenizer, config.chat_template)
     data = prepare_data(
         config.data,
         tokenizer,
@@ -225,6 +227,12 @@ def setup_run(
         config.eval_max_rows,
         config.seed,
         config.skip_bad_rows,
+        subset=config.data_subset,
+        split=config.data_split,
+        eval_data=config.eval_data,
+        eval_split=config.eval_split,
+        num_proc=config.num_proc,
+        cache_dir=Path(config.data_cache) if config.data_cache else default_data_cache(),
     )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")

@@ -1,0 +1,135 @@
+"""How long data preparation takes and how much memory it needs, at a given number of rows.
+
+    python bench/data_scale.py --rows 20000                 # first preparation
+    python bench/data_scale.py --rows 20000 --again         # and a second one (a cache hit)
+    python bench/data_scale.py --rows 100000 --num-proc 2
+
+Writes synthetic chat rows (~150 tokens each with the SmolLM2 tokenizer) to a JSONL file
+once, then prepares them in a fresh process per measurement (peak memory is a high-water
+mark): the embedded SmolLM2-135M-Instruct tokenizer, seq-len 256, one thread. Prints one
+JSON line per measurement: seconds, peak resident memory of the process and of its worker
+processes, and the resident memory after loading the tokenizer (the baseline the data
+adds to). Runs against whatever l1ra_lite is on the path, so the same script measures an
+older checkout (its prepare_data takes fewer arguments: only those it knows are passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = (
+    "the model learns answer question data token river mountain history science music garden "
+    "language computer energy water light city people world time number system method result "
+    "change value small large quick slow bright dark early late simple complex open close "
+    "follow explain describe compare measure build write read listen travel remember"
+).split()
+
+
+def write_rows(path: Path, n_rows: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n_rows):
+            question = " ".join(rng.choices(WORDS, k=rng.randint(25, 45))) + "?"
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(70, 100))) + "."
+            row = {
+                "messages": [{"role": "user", "content": f"{i}: {question}"}, {"role": "assistant", "content": answer}]
+            }
+            out.write(json.dumps(row) + "\n")
+
+
+def vm_hwm() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One preparation in this process; prints its figures as a JSON line."""
+    from l1ra_lite.data import prepare_data
+    from l1ra_lite.models import ModelSource, embedded_model_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSource(name="smollm2", path=str(embedded_model_dir())))
+    tokenizer("warm up")
+    baseline = vm_rss()
+    with open("/proc/self/clear_refs", "w") as clear_refs:  # the peak from here on
+        clear_refs.write("5")
+    wanted = dict(num_proc=args.num_proc, cache_dir=args.cache_dir)
+    accepted = inspect.signature(prepare_data).parameters
+    extra = {k: v for k, v in wanted.items() if k in accepted}
+    started = time.perf_counter()
+    splits = prepare_data(args.data, tokenizer, args.seq_len, args.packing, 0.0, 0, 42, **extra)
+    first = splits.train[0]["input_ids"][:4]  # read one example: the data is usable
+    seconds = time.perf_counter() - started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "num_proc": extra.get("num_proc", 1),
+                "packing": args.packing,
+                "seconds": round(seconds, 2),
+                "peak_rss_gib": round(vm_hwm() / 2**30, 3),
+                "peak_above_tokenizer_gib": round((vm_hwm() - baseline) / 2**30, 3),
+                "tokenizer_rss_gib": round(baseline / 2**30, 3),
+                "worker_peak_rss_gib": round(children / 2**30, 3),
+                "train_examples": len(splits.train),
+                "first_ids": list(first),
+            }
+        ),
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument(
+        "--workdir", default=None, help="where the JSONL file and the cache go (default: a temp folder)"
+    )
+    parser.add_argument("--again", action="store_true", help="prepare a second time (the cached start)")
+    parser.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._measure:
+        measure(args)
+        return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="data-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / f"chat-{args.rows}.jsonl"
+    if not data.exists():
+        write_rows(data, args.rows)
+    cache = workdir / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, __file__, "--_measure", "--rows", str(args.rows), "--seq-len", str(args.seq_len)]
+    command += ["--num-proc", str(args.num_proc), "--data", str(data), "--cache-dir", str(cache)]
+    command += ["--packing"] * args.packing
+    for _ in range(2 if args.again else 1):
+        subprocess.run(command, env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
