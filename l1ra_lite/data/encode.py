@@ -105,7 +105,9 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else None
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        # the last message is always an answer (normalise_row drops turns after it): then upto is full
+        last = i == len(messages) - 1
+        upto = full if last else _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if before is not None and upto.startswith(before) and full.startswith(upto):
             start, end = len(before), len(upto.rstrip())
         else:
@@ -145,12 +147,22 @@ def _tokenize_chats(tokenizer, chats: list[tuple[int, str, list]]) -> list[dict]
     encoded = tokenizer([text for _, text, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
     examples = []
     for ids, offsets, (_, _, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], chats):
-        labels = [
-            token if any(end > lo and start < hi for lo, hi in spans) else IGNORE_INDEX
-            for token, (start, end) in zip(ids, offsets)
-        ]
-        examples.append({"input_ids": list(ids), "labels": labels})
+        examples.append({"input_ids": list(ids), "labels": _answer_labels(ids, offsets, spans)})
     return examples
+
+
+def _answer_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where its characters overlap an answer span, else IGNORE_INDEX
+    (vectorised: this runs for every token of the data)."""
+    import numpy
+
+    if not ids:
+        return []
+    ids_array, bounds = numpy.asarray(ids), numpy.asarray(offsets).reshape(-1, 2)
+    learned = numpy.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        learned |= (bounds[:, 1] > lo) & (bounds[:, 0] < hi)
+    return numpy.where(learned, ids_array, IGNORE_INDEX).tolist()
 
 
 def _tokenize_by_segments(tokenizer, text: str, spans: list[tuple[int, int]]) -> dict:
