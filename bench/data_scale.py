@@ -63,6 +63,37 @@ def vm_rss() -> int:
     return 0
 
 
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def tokenizer_baseline(args: argparse.Namespace) -> None:
+    """The tokenizer alone on the rows' text, in batches of 1000, one thread: the
+    throughput a preparation is measured against."""
+    from l1ra_lite.models import ModelSource, embedded_model_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSource(name="smollm2", path=str(embedded_model_dir())))
+    with open(args.data, encoding="utf-8") as handle:
+        texts = ["\n".join(m["content"] for m in json.loads(line)["messages"]) for line in handle]
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    tokens = 0
+    for i in range(0, len(texts), 1000):
+        tokens += sum(len(ids) for ids in tokenizer(texts[i : i + 1000], add_special_tokens=False)["input_ids"])
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "tokenizer_only_seconds": round(seconds, 2),
+                "cpu_seconds": round(cpu, 2),
+                "tokens": tokens,
+            }
+        ),
+        flush=True,
+    )
+
+
 def measure(args: argparse.Namespace) -> None:
     """One preparation in this process; prints its figures as a JSON line."""
     from l1ra_lite.data import prepare_data
@@ -76,11 +107,12 @@ def measure(args: argparse.Namespace) -> None:
     wanted = dict(num_proc=args.num_proc, cache_dir=args.cache_dir)
     accepted = inspect.signature(prepare_data).parameters
     extra = {k: v for k, v in wanted.items() if k in accepted}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     splits = prepare_data(args.data, tokenizer, args.seq_len, args.packing, 0.0, 0, 42, **extra)
     first = splits.train[0]["input_ids"][:4]  # read one example: the data is usable
     seconds = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    cpu = cpu_seconds() - cpu_started
     print(
         json.dumps(
             {
@@ -88,6 +120,7 @@ def measure(args: argparse.Namespace) -> None:
                 "num_proc": extra.get("num_proc", 1),
                 "packing": args.packing,
                 "seconds": round(seconds, 2),
+                "cpu_seconds": round(cpu, 2),  # this process and its workers: steadier than wall time on a busy machine
                 "peak_rss_gib": round(vm_hwm() / 2**30, 3),
                 "peak_above_tokenizer_gib": round((vm_hwm() - baseline) / 2**30, 3),
                 "tokenizer_rss_gib": round(baseline / 2**30, 3),
@@ -110,12 +143,13 @@ def main() -> None:
         "--workdir", default=None, help="where the JSONL file and the cache go (default: a temp folder)"
     )
     parser.add_argument("--again", action="store_true", help="prepare a second time (the cached start)")
+    parser.add_argument("--baseline", action="store_true", help="time the tokenizer alone on the same text")
     parser.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
-        measure(args)
+        tokenizer_baseline(args) if args.baseline else measure(args)
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="data-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +160,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, __file__, "--_measure", "--rows", str(args.rows), "--seq-len", str(args.seq_len)]
     command += ["--num-proc", str(args.num_proc), "--data", str(data), "--cache-dir", str(cache)]
-    command += ["--packing"] * args.packing
-    for _ in range(2 if args.again else 1):
+    command += ["--packing"] * args.packing + ["--baseline"] * args.baseline
+    for _ in range(2 if args.again and not args.baseline else 1):
         subprocess.run(command, env=env, check=True)
 
 
