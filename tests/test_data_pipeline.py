@@ -304,3 +304,134 @@ def test_packed_chunks_in_the_pipeline_carry_positions_that_restart_per_example(
     first_token = plain.train[0]["input_ids"][0]
     assert all(chunk["input_ids"][i] == first_token and chunk["labels"][i] == IGNORE_INDEX for i in starts[1:])
     assert splits.stats.packed and splits.stats.train_examples == len(splits.train)
+
+
+# ---------------------------------------------------------------------------------
+# Training on the pipeline: exact resume after a cache hit, with packing; the command line
+
+
+def packed_config(workdir, cache, **overrides):
+    from l1ra_lite.config import FinetuneConfig
+
+    values = dict(
+        model=str(workdir / "base"),
+        data=str(workdir / "data.jsonl"),
+        quant="none",
+        budget=28,
+        max_steps=8,
+        batch_size=2,
+        grad_accum=2,
+        seq_len=48,
+        packing=True,
+        lr=5e-3,
+        warmup=2,
+        update_every=3,
+        l1_lambda=6.0,
+        eta_c=0.05,
+        eval_every=4,
+        save_every=4,
+        seed=7,
+        plain=True,
+        data_cache=str(cache),
+    )
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def test_a_packed_run_resumed_from_the_cache_ends_as_the_uninterrupted_one(workdir, tmp_path):
+    from safetensors.torch import load_file
+
+    from l1ra_lite.train import Interrupted, train
+
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train(packed_config(workdir, cache), straight, lambda e: None, device="cpu")  # prepares: a cache miss
+    stats = json.loads((straight / "config.json").read_text())["data_stats"]
+    assert stats["packed"] and not stats["cache_hit"] and stats["train_examples"] < 48
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    calls = {"n": 0}
+
+    def stop_at_3():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    with pytest.raises(Interrupted):
+        train(packed_config(workdir, cache), resumed, lambda e: None, should_stop=stop_at_3, device="cpu")
+    assert json.loads((resumed / "config.json").read_text())["data_stats"]["cache_hit"]
+    train(packed_config(workdir, cache), resumed, lambda e: None, resume=True, device="cpu")
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (straight, resumed)
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+
+
+def cli(capsys, *args):
+    from l1ra_lite.cli import main
+
+    code = main(["finetune", *map(str, args)])
+    return code, capsys.readouterr()
+
+
+def test_the_help_shows_every_data_option(capsys):
+    with pytest.raises(SystemExit):
+        cli(capsys, "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for option in (
+        "--data",
+        "--data-subset",
+        "--data-split",
+        "--eval-data",
+        "--eval-split",
+        "--chat-template",
+        "--num-proc",
+        "--data-cache",
+        "--packing",
+        "--skip-bad-rows",
+    ):
+        assert option in text, option
+    assert "ShareGPT" in text and "position ids restart per example" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--chat-template", "nope"], "unknown chat template 'nope'"),
+        (["--data-subset", "x"], "cannot load dataset"),
+        (["--eval-data", "missing.jsonl"], "data file not found: missing.jsonl"),
+        (["--num-proc", "0"], "num-proc must be at least 1"),
+    ],
+)
+def test_bad_data_options_get_one_clear_line(workdir, capsys, tmp_path, hf_cache, args, message):
+    data = tmp_path / "folder"  # --data-subset needs a dataset folder (or hub id)
+    write_dataset_folder(data) if "--data-subset" in args else None
+    source = data if "--data-subset" in args else workdir / "data.jsonl"
+    common = ["--model", workdir / "base", "--data", source, "--quant", "none", "--max-steps", 1, "--plain"]
+    code, captured = cli(capsys, *common, "--data-cache", tmp_path / "c", "--output", tmp_path / "out", *args)
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and message in lines[-1] and "Traceback" not in captured.err
+
+
+def test_repeated_data_flags_mix_the_files(workdir, capsys, tmp_path):
+    second = write_jsonl(tmp_path / "more.jsonl", qa_rows(6))
+    out = tmp_path / "out"
+    common = ["--model", workdir / "base", "--quant", "none", "--max-steps", 1, "--plain", "--budget", 14]
+    code, _ = cli(
+        capsys,
+        *common,
+        "--data",
+        workdir / "data.jsonl",
+        "--data",
+        second,
+        "--data-cache",
+        tmp_path / "c",
+        "--output",
+        out,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert code == 0 and config["data"] == f"{workdir / 'data.jsonl'},{second}"
+    assert config["data_stats"]["sources"] == {str(workdir / "data.jsonl"): 48, str(second): 6}
