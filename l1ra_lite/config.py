@@ -57,6 +57,7 @@ class FinetuneConfig:
     eval_data: Optional[str] = None  # held-out rows from elsewhere, instead of a share of the training rows
     eval_split: str = "validation"  # the split of eval_data, when it is a hub dataset or folder
     chat_template: Optional[str] = None  # a Jinja file or a template name; None: the tokenizer's own
+    streaming: bool = False  # make examples as training reads them (needs max_steps)
     num_proc: Optional[int] = None  # processes preparing the data; None: the CPU count, at most 8
     data_cache: Optional[str] = None  # prepared-data cache folder; None: $XDG_CACHE_HOME/l1ra-lite/data
     # optimisation
@@ -200,6 +201,8 @@ def validate(config: FinetuneConfig) -> None:
         raise UserError(f"eval-fraction must be in [0, 1) (got {config.eval_fraction})")
     if isinstance(config.data, (list, tuple)):  # repeated --data, or a list in a recipe: one comma list
         config.data = ",".join(str(item) for item in config.data)
+    if config.streaming and not config.max_steps:
+        raise UserError("--streaming needs --max-steps: the length of a streamed dataset is not known up front")
     if config.num_proc is not None and config.num_proc < 1:
         raise UserError(f"num-proc must be at least 1 (got {config.num_proc})")
     if isinstance(config.target_modules, str):

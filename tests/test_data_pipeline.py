@@ -392,6 +392,7 @@ def test_the_help_shows_every_data_option(capsys):
         "--data-cache",
         "--packing",
         "--skip-bad-rows",
+        "--streaming",
     ):
         assert option in text, option
     assert "ShareGPT" in text and "position ids restart per example" in text
@@ -435,3 +436,64 @@ def test_repeated_data_flags_mix_the_files(workdir, capsys, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert code == 0 and config["data"] == f"{workdir / 'data.jsonl'},{second}"
     assert config["data_stats"]["sources"] == {str(workdir / "data.jsonl"): 48, str(second): 6}
+
+
+# ---------------------------------------------------------------------------------
+# Streaming
+
+
+def test_a_stream_is_seeded_replayable_and_runs_past_its_end(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))
+    options = dict(max_steps=5, examples_per_step=4)
+    splits = prepare_data(str(path), tok, 64, False, 0.0, 3, seed=1, streaming=True, **options)
+    stream = splits.train
+    first = stream.take(0, 30)  # 27 rows for training (3 held out): past the end, into a reshuffled second pass
+    trained = set(answers(tok, first))
+    held_out = answers(tok, splits.eval)
+    assert held_out == [f"Answer number {i}." + EOS for i in range(3)]  # the stream's first rows
+    assert trained == {f"Answer number {i}." + EOS for i in range(3, 12)}  # every other row, none held out
+    assert answers(tok, first[:9]) != [f"Answer number {i}." + EOS for i in range(3, 12)]  # shuffled
+    again = prepare_data(str(path), tok, 64, False, 0.0, 3, seed=1, streaming=True, **options).train
+    assert again.take(10, 5) == first[10:15]  # a fresh stream skips to the position: exact resume
+    assert again.take(2, 3) == first[2:5]  # and going back replays it
+    assert len(stream) == 20  # the nominal size the schedule is planned with
+
+
+def test_streaming_needs_max_steps_and_packs_like_the_prepared_path(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", qa_rows(30))
+    message = one_line_error(lambda: prepare_data(str(path), tok, 64, True, 0.0, 0, seed=0, streaming=True))
+    assert "--streaming needs --max-steps" in message
+    stream = prepare_data(str(path), tok, 64, True, 0.0, 0, seed=0, streaming=True, max_steps=2).train
+    chunks = stream.take(0, 10)
+    assert all(len(c["input_ids"]) == len(c["position_ids"]) == 64 for c in chunks)
+    assert sum(c["position_ids"].count(0) for c in chunks) > 10
+
+
+def test_a_streamed_run_resumes_exactly(workdir, tmp_path):
+    from safetensors.torch import load_file
+
+    from l1ra_lite.train import Interrupted, train
+
+    common = dict(streaming=True, packing=False, eval_max_rows=4)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train(packed_config(workdir, tmp_path / "c", **common), straight, lambda e: None, device="cpu")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    calls = {"n": 0}
+
+    def stop_at_5():
+        calls["n"] += 1
+        return calls["n"] >= 5
+
+    with pytest.raises(Interrupted):
+        train(
+            packed_config(workdir, tmp_path / "c", **common),
+            resumed,
+            lambda e: None,
+            should_stop=stop_at_5,
+            device="cpu",
+        )
+    train(packed_config(workdir, tmp_path / "c", **common), resumed, lambda e: None, resume=True, device="cpu")
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

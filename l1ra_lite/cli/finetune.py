@@ -122,6 +122,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--eval-max-rows", "cap on held-out rows", type=int)
     flag("--skip-bad-rows", "count and skip malformed rows instead of stopping")
     opt("--chat-template", "a Jinja file, or a template name (chatml, or one the tokenizer carries)")
+    flag(
+        "--streaming",
+        "read the data as training goes (a seeded shuffle buffer) instead of preparing it first; "
+        "for datasets too large to download; needs --max-steps",
+    )
     opt("--num-proc", "processes that prepare the data (default: the CPU count, at most 8)", type=int)
     opt("--data-cache", "folder of the prepared-data cache (default: $XDG_CACHE_HOME/l1ra-lite/data)")
 

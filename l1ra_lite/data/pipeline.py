@@ -79,17 +79,40 @@ def prepare_data(
     eval_split: Optional[str] = None,
     num_proc: Optional[int] = None,
     cache_dir: Optional[Path] = None,
+    streaming: bool = False,
+    max_steps: Optional[int] = None,
+    examples_per_step: int = 1,
 ) -> DataSplits:
     """The training and eval examples of `source` (a file, folder or hub id; several,
     comma-separated or as a list, are mixed in that order; None: the embedded corpus).
 
     Eval rows are `eval_data` (its `eval_split`), or else carved from the training rows
-    by the seed. `cache_dir`: where prepared data is cached (None: not cached)."""
+    by the seed. `cache_dir`: where prepared data is cached (None: not cached).
+    `streaming`: examples made as training reads them (l1ra_lite.data.streaming)."""
     started = time.perf_counter()
     if seq_len < 2:
         raise UserError(f"seq-len must be at least 2 (got {seq_len})")
     if not 0 <= eval_fraction < 1:
         raise UserError(f"eval-fraction must be in [0, 1) (got {eval_fraction})")
+    if streaming:
+        from l1ra_lite.data.streaming import prepare_stream
+
+        return prepare_stream(
+            source,
+            tokenizer,
+            seq_len,
+            packing,
+            eval_max_rows,
+            seed,
+            skip_bad_rows,
+            subset=subset,
+            split=split,
+            eval_data=eval_data,
+            eval_split=eval_split,
+            cache_dir=cache_dir,
+            max_steps=max_steps,
+            examples_per_step=examples_per_step,
+        )
     sources = [resolve_source(spec, subset, split) for spec in split_specs(source)]
     held_out_source = resolve_source(eval_data, subset, eval_split or "validation") if eval_data else None
     hub = {s: load_hub_dataset(s) for s in [*sources, held_out_source] if s is not None and s.kind == "hub"}
@@ -111,6 +134,8 @@ def prepare_data(
         stats.cache_hit, stats.prepare_s = True, time.perf_counter() - started
         return DataSplits(train=train, eval=held_out, stats=stats)
 
+    if folder is not None and folder.exists():  # there but unreadable (a disk error, a deleted file)
+        shutil.rmtree(folder, ignore_errors=True)
     work = workspace(folder.parent if folder is not None else None)
     try:
         build = Build(work, tokenizer, seq_len, num_proc or default_num_proc(), skip_bad_rows, hub)

@@ -191,11 +191,12 @@ def step_batches(
     function of the step, so a resumed run reads exactly what the uninterrupted one
     would have, also when it splits E into other micro-batches."""
     n, per_step = len(train_examples), config.batch_size * config.grad_accum
-    chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
-    return [
-        collate([train_examples[i] for i in chosen[k : k + config.batch_size]], pad_id)
-        for k in range(0, per_step, config.batch_size)
-    ]
+    if hasattr(train_examples, "take"):  # a stream (--streaming): positions in the stream, shuffled as it is read
+        examples = train_examples.take(step * per_step, per_step)
+    else:
+        chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
+        examples = [train_examples[i] for i in chosen]
+    return [collate(examples[k : k + config.batch_size], pad_id) for k in range(0, per_step, config.batch_size)]
 
 
 # ------------------------------------------------------------------ setup
@@ -233,6 +234,9 @@ def setup_run(
         eval_split=config.eval_split,
         num_proc=config.num_proc,
         cache_dir=Path(config.data_cache) if config.data_cache else default_data_cache(),
+        streaming=config.streaming,
+        max_steps=config.max_steps,
+        examples_per_step=config.batch_size * config.grad_accum,
     )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
