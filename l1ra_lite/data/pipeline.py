@@ -35,7 +35,7 @@ from l1ra_lite.data.cache import (
 )
 from l1ra_lite.data.common import EXPECTED_FIELDS, IGNORE_INDEX, BadRow, DataSplits, DataStats, handle_bad_rows
 from l1ra_lite.data.encode import encode_each, leading_bos_id
-from l1ra_lite.data.fit import Packer, has_answer, truncate_one
+from l1ra_lite.data.fit import Packer, truncate_one
 from l1ra_lite.data.normalise import Unparsed, normalise_row
 from l1ra_lite.data.order import held_out_indices, split_indices
 from l1ra_lite.data.sources import (
@@ -351,14 +351,23 @@ def _encode_batch(batch: dict, tokenizer, bos: Optional[int], seq_len: int) -> d
             example, cut, keep, error = {"input_ids": [], "labels": []}, False, False, example
         else:
             example, cut = truncate_one(example, seq_len)
-            keep, error = has_answer(example), None
+            error = None
+        n_labels = _label_count(example["labels"])
+        keep = n_labels > 0  # fit.has_answer, counted once
         out["input_ids"].append(example["input_ids"])
         out["labels"].append(example["labels"])
-        out["n_labels"].append(sum(label != IGNORE_INDEX for label in example["labels"][1:]))
+        out["n_labels"].append(n_labels)
         out["cut"].append(cut)
         out["keep"].append(keep)
         out["error"].append(error)
     return out
+
+
+def _label_count(labels: list[int]) -> int:
+    """Labels the loss sees: all but IGNORE_INDEX, and never the first (nothing predicts it)."""
+    if not labels:
+        return 0
+    return len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)
 
 
 def _packed_chunks(examples, seq_len: int, eos_id: int, tally: dict):
@@ -368,7 +377,7 @@ def _packed_chunks(examples, seq_len: int, eos_id: int, tally: dict):
     def counted(chunks):
         nonlocal dropped
         for chunk in chunks:
-            n_labels = sum(label != IGNORE_INDEX for label in chunk["labels"][1:])
+            n_labels = _label_count(chunk["labels"])
             if n_labels:
                 yield {**chunk, "n_labels": n_labels}
             else:
