@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,4 +102,17 @@ def workspace(root: Optional[Path]) -> Path:
         atexit.register(shutil.rmtree, folder, True)
         return folder
     root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(root)
     return Path(tempfile.mkdtemp(prefix=".work-", dir=root))
+
+
+def _remove_abandoned(root: Path, age_s: float = 24 * 3600) -> None:
+    """Scratch and half-written folders a killed preparation left (names start with a
+    dot), once they are a day old: a preparation running now is younger."""
+    now = time.time()
+    for entry in root.glob(".*"):
+        try:
+            if entry.is_dir() and now - entry.stat().st_mtime > age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass

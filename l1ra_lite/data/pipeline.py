@@ -170,21 +170,15 @@ class Build:
         parts = [self.checked_rows(s, stats) for s in sources]
         if len(parts) > 1:
             stats.sources = {s.name: len(_usable(part)) for s, part in zip(sources, parts)}
-        # Bad rows stay in the table until the split picks positions among the good ones:
-        # one selection, on a table without an indices mapping (no copy of the rows).
         rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         usable = _usable(rows)
-        if held_out_source is None:
-            train_index, eval_index = split_indices(len(usable), eval_fraction, eval_max_rows, seed)
-            train_rows, eval_rows = _select(rows, usable[train_index]), _select(rows, usable[eval_index])
-        else:
-            checked = self.checked_rows(held_out_source, DataStats(source=held_out_source.name))
-            usable_eval = _usable(checked)
-            count = min(len(usable_eval), eval_max_rows)  # the whole set, up to the cap, picked by the seed
-            eval_rows = _select(checked, usable_eval[held_out_indices(len(usable_eval), count, seed)])
-            train_rows, stats.eval_source = _select(rows, usable), held_out_source.name
         stats.formats = _formats(_select(rows, usable))
         stats.format = next(iter(stats.formats)) if len(stats.formats) == 1 else "mixed"
+        if held_out_source is None:
+            train_rows, eval_rows = self.carved(rows, usable, eval_fraction, eval_max_rows, seed)
+        else:
+            train_rows, eval_rows = _select(rows, usable), self.held_out(held_out_source, eval_max_rows, seed)
+            stats.eval_source = held_out_source.name
 
         train = self.encoded(train_rows)
         held_out = self.encoded(eval_rows)
@@ -230,6 +224,20 @@ class Build:
         if count == len(checked):
             raise UserError(f"{source.name}: no usable rows (read {len(checked)}); expected fields: {EXPECTED_FIELDS}")
         return checked
+
+    def carved(self, rows, usable, eval_fraction: float, eval_max_rows: int, seed: int):
+        """(train rows, eval rows): the seeded split of the usable rows (order.split_indices,
+        the split load_rows + split_rows make). Bad rows stay in the table until here: one
+        selection of positions, on a table without an indices mapping, copies nothing."""
+        train_index, eval_index = split_indices(len(usable), eval_fraction, eval_max_rows, seed)
+        return _select(rows, usable[train_index]), _select(rows, usable[eval_index])
+
+    def held_out(self, source: Source, eval_max_rows: int, seed: int):
+        """The usable rows of `source` (--eval-data), up to eval_max_rows picked by the seed."""
+        checked = self.checked_rows(source, DataStats(source=source.name))
+        usable = _usable(checked)
+        count = min(len(usable), eval_max_rows)
+        return _select(checked, usable[held_out_indices(len(usable), count, seed)])
 
     def raw_table(self, source: Source):
         """The rows of a local file (or the embedded corpus) as JSON text, written in batches."""
