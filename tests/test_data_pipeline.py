@@ -252,12 +252,42 @@ def test_chat_template_by_file_or_name(tmp_path):
 # Packing without cross-example attention
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_a_packed_batch_gives_the_same_loss_as_its_examples_one_by_one(attention):
-    from l1ra_lite.loss import causal_lm_loss
-    from tests.tiny import tiny_llama
+def tiny_model(architecture: str, attention: str):
+    """A tiny random llama / mistral / qwen2 (the same sizes as tests.tiny's llama)."""
+    import transformers
 
-    model = tiny_llama(seed=1, attn_implementation=attention).float()
+    from tests.tiny import tiny_llama_config
+
+    sizes = {k: v for k, v in tiny_llama_config().to_dict().items() if k in _SIZE_KEYS}
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[architecture]
+    torch.manual_seed(1)
+    return model_class(config_class(**sizes, attn_implementation=attention)).float().eval()
+
+
+_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+
+@pytest.mark.parametrize(
+    "architecture, attention",
+    [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa")],
+)
+def test_a_packed_batch_gives_the_same_loss_as_its_examples_one_by_one(architecture, attention):
+    from l1ra_lite.loss import causal_lm_loss
+
+    model = tiny_model(architecture, attention)
     g = torch.Generator().manual_seed(0)
     eos = 2
     examples = []
