@@ -26,7 +26,7 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class FinetuneConfig:
     # what to train
     model: Optional[str] = None  # alias, hub id or folder; None: the embedded default
-    data: Optional[str] = None  # file or hub dataset; None: the embedded default
+    data: Optional[str] = None  # file(s), folder or hub dataset, comma-separated to mix; None: the embedded default
     method: str = "l1ra"  # l1ra | lora | adalora
     quant: str = "nf4"  # nf4 | none
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where native, fp16 on older CUDA cards, else fp32
@@ -53,6 +53,14 @@ class FinetuneConfig:
     eval_fraction: float = 0.05  # held-out share of the rows ...
     eval_max_rows: int = 200  # ... capped at this many
     skip_bad_rows: bool = False
+    data_subset: Optional[str] = None  # a hub dataset's subset (configuration)
+    data_split: str = "train"
+    eval_data: Optional[str] = None  # held-out rows from elsewhere, instead of a share of the training rows
+    eval_split: str = "validation"  # the split of eval_data, when it is a hub dataset or folder
+    chat_template: Optional[str] = None  # a Jinja file or a template name; None: the tokenizer's own
+    streaming: bool = False  # make examples as training reads them (needs max_steps)
+    num_proc: Optional[int] = None  # processes preparing the data; None: the CPU count, at most 8
+    data_cache: Optional[str] = None  # prepared-data cache folder; None: $XDG_CACHE_HOME/l1ra-lite/data
     # optimisation
     max_steps: Optional[int] = None  # optimiser steps; wins over epochs
     epochs: float = 1.0
@@ -194,5 +202,11 @@ def validate(config: FinetuneConfig) -> None:
         raise UserError("ranks-from applies to --method l1ra or lora (AdaLoRA sets its own ranks)")
     if not 0 <= config.eval_fraction < 1:
         raise UserError(f"eval-fraction must be in [0, 1) (got {config.eval_fraction})")
+    if isinstance(config.data, (list, tuple)):  # repeated --data, or a list in a recipe: one comma list
+        config.data = ",".join(str(item) for item in config.data)
+    if config.streaming and not config.max_steps:
+        raise UserError("--streaming needs --max-steps: the length of a streamed dataset is not known up front")
+    if config.num_proc is not None and config.num_proc < 1:
+        raise UserError(f"num-proc must be at least 1 (got {config.num_proc})")
     if isinstance(config.target_modules, str):
         config.target_modules = [m.strip() for m in config.target_modules.split(",") if m.strip()]

@@ -54,6 +54,16 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model is given. A packed batch (l1ra_lite.data.fit) has position ids that
+    restart at each example, and no attention mask: transformers then attends only within
+    each example (with a mask it would ignore the restarts); right padding needs no mask in
+    a causal model, and carries no labels."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
     """Mean cross-entropy of the labelled next tokens of `batch` (input_ids, attention_mask,
     labels IGNORE_INDEX where there is nothing to predict).
@@ -62,12 +72,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUN
     loop does that): the labelled positions are then found on the CPU, and the GPU never
     has to report how many there are (a boolean-mask gather would make the host wait)."""
     device = batch["input_ids"].device
+    inputs = model_inputs(batch)
     lm = plain_causal_lm(model)
     if lm is None:
-        return model(**{**batch, "labels": batch["labels"].to(device)}).loss
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
-    ).last_hidden_state
+        return model(**inputs, labels=batch["labels"].to(device)).loss
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     batch_size, length, width = hidden.shape
     next_labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
     positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)  # over (batch, length - 1)

@@ -515,15 +515,19 @@ def test_pack_makes_full_chunks_and_carries_labels():
     ]
     chunks, tail = pack(examples, 4, eos)
     stream_ids = [1, 2, 3, 99, 4, 5, 99, 6, 7, 8, 9, 99]
-    stream_labels = [-100, 2, 3, -100, -100, 5, 99, 6, 7, 8, 9, -100]
+    # each example's first token is never learned packed: only another example precedes it
+    stream_labels = [-100, 2, 3, -100, -100, 5, 99, -100, 7, 8, 9, -100]
     assert [c["input_ids"] for c in chunks] == [stream_ids[0:4], stream_ids[4:8], stream_ids[8:12]]
     assert [c["labels"] for c in chunks] == [stream_labels[0:4], stream_labels[4:8], stream_labels[8:12]]
+    # positions restart where each example starts, and where a chunk starts mid-example
+    assert [c["position_ids"] for c in chunks] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
     assert tail == 0
     chunks, tail = pack(examples, 5, eos)
     assert [len(c["input_ids"]) for c in chunks] == [5, 5] and tail == 2
     # too little data for one chunk: the one shorter chunk, not nothing
     chunks, tail = pack(examples[:1], 10, eos)
-    assert chunks == [{"input_ids": [1, 2, 3, 99], "labels": [-100, 2, 3, -100]}] and tail == 0
+    assert chunks == [{"input_ids": [1, 2, 3, 99], "labels": [-100, 2, 3, -100], "position_ids": [0, 1, 2, 3]}]
+    assert tail == 0
 
 
 def test_prepare_data_with_packing(tok, tmp_path):
@@ -677,7 +681,8 @@ def test_bad_files_give_one_line_errors(tmp_path):
     odd = tmp_path / "d.xml"
     odd.write_text("<x/>")
     assert "unknown data file type" in one_line_error(lambda: load_rows(str(odd)))
-    assert "is a folder" in one_line_error(lambda: load_rows(str(tmp_path)))
+    # a folder is read like a hub dataset; one laid out like none fails in one line
+    assert "cannot load dataset" in one_line_error(lambda: load_rows(str(tmp_path)))
 
 
 def test_no_usable_rows_is_an_error(tmp_path):

@@ -26,6 +26,8 @@ CHANGEABLE_ON_RESUME = (
     "log_every",
     "batch_size",
     "grad_accum",
+    "num_proc",
+    "data_cache",
 )
 RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
 
@@ -48,10 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "alias (mistral-7b, llama-3.1-8b, qwen2.5-7b, their -instruct variants, smollm2-135m), "
         "hub id or local folder; default: the embedded SmolLM2-135M-Instruct",
     )
-    opt(
+    group.add_argument(
         "--data",
-        "a .jsonl/.json/.csv/.parquet file (fields: messages | instruction/input/output | "
-        "prompt/completion | text) or a hub dataset; default: the embedded chatterbot English corpus",
+        action="append",
+        default=None,
+        help="a .jsonl/.json/.csv/.parquet file (fields: messages | conversations (ShareGPT) | "
+        "instruction/input/output | prompt/completion | text, optional system), a hub dataset id or a "
+        "folder laid out like one; several, comma-separated or with repeated --data, are mixed; "
+        "default: the embedded chatterbot English corpus",
     )
     opt(
         "--recipe",
@@ -107,11 +113,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     group = p.add_argument_group("data")
+    opt("--data-subset", "the subset (configuration) of a hub dataset or dataset folder")
+    opt("--data-split", "the split of a hub dataset or dataset folder to train on")
+    opt("--eval-data", "held-out rows from this file, folder or hub dataset instead of a share of --data")
+    opt("--eval-split", "the split of --eval-data, when it is a hub dataset or folder")
     opt("--seq-len", "truncate examples to this many tokens", type=int)
-    flag("--packing", "pack examples into full --seq-len sequences")
-    opt("--eval-fraction", "held-out share of the rows for evaluation", type=float)
+    flag(
+        "--packing",
+        "pack examples into full --seq-len sequences; each example attends only to itself "
+        "(position ids restart per example)",
+    )
+    opt("--eval-fraction", "held-out share of the rows for evaluation (without --eval-data)", type=float)
     opt("--eval-max-rows", "cap on held-out rows", type=int)
     flag("--skip-bad-rows", "count and skip malformed rows instead of stopping")
+    opt("--chat-template", "a Jinja file, or a template name (chatml, or one the tokenizer carries)")
+    flag(
+        "--streaming",
+        "read the data as training goes (a seeded shuffle buffer) instead of preparing it first; "
+        "for datasets too large to download; needs --max-steps",
+    )
+    opt("--num-proc", "processes that prepare the data (default: the CPU count, at most 8)", type=int)
+    opt("--data-cache", "folder of the prepared-data cache (default: $XDG_CACHE_HOME/l1ra-lite/data)")
 
     group = p.add_argument_group("optimisation (all step counts are optimiser steps)")
     opt("--max-steps", "stop after this many steps (wins over --epochs)", type=int)

@@ -29,7 +29,8 @@ from l1ra_lite import __version__
 from l1ra_lite import checkpoint as ckpt
 from l1ra_lite.atomic import write_json_atomic
 from l1ra_lite.config import FinetuneConfig, resolve_l1_lambda
-from l1ra_lite.data import DataSplits, collate, epoch_order, prepare_data
+from l1ra_lite.data import DataSplits, collate, default_data_cache, epoch_order, prepare_data
+from l1ra_lite.data.templates import use_chat_template
 from l1ra_lite.errors import UserError
 from l1ra_lite.events import (
     CheckpointSaved,
@@ -191,11 +192,12 @@ def step_batches(
     function of the step, so a resumed run reads exactly what the uninterrupted one
     would have, also when it splits E into other micro-batches."""
     n, per_step = len(train_examples), config.batch_size * config.grad_accum
-    chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
-    return [
-        collate([train_examples[i] for i in chosen[k : k + config.batch_size]], pad_id)
-        for k in range(0, per_step, config.batch_size)
-    ]
+    if hasattr(train_examples, "take"):  # a stream (--streaming): positions in the stream, shuffled as it is read
+        examples = train_examples.take(step * per_step, per_step)
+    else:
+        chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
+        examples = [train_examples[i] for i in chosen]
+    return [collate(examples[k : k + config.batch_size], pad_id) for k in range(0, per_step, config.batch_size)]
 
 
 # ------------------------------------------------------------------ setup
@@ -217,6 +219,7 @@ def setup_run(
 
     # Data first: a bad file should fail before minutes of model loading.
     tokenizer = load_tokenizer(source, config.trust_remote_code)
+    use_chat_template(tokenizer, config.chat_template)
     data = prepare_data(
         config.data,
         tokenizer,
@@ -226,6 +229,15 @@ def setup_run(
         config.eval_max_rows,
         config.seed,
         config.skip_bad_rows,
+        subset=config.data_subset,
+        split=config.data_split,
+        eval_data=config.eval_data,
+        eval_split=config.eval_split,
+        num_proc=config.num_proc,
+        cache_dir=Path(config.data_cache) if config.data_cache else default_data_cache(),
+        streaming=config.streaming,
+        max_steps=config.max_steps,
+        examples_per_step=config.batch_size * config.grad_accum,
     )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
