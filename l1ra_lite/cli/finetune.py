@@ -242,8 +242,9 @@ class StopOnSignal:
     """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: stop at once
     (checkpoints are written aside and renamed, so the last good one survives)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal: Optional[int] = None
+        self.announce = announce  # False in processes other than 0: one message is enough
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -257,6 +258,8 @@ class StopOnSignal:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
+        if not self.announce:
+            return
         print(
             "\nl1ra-lite: stopping after this step and writing a checkpoint (press Ctrl-C again to quit at once)",
             file=sys.stderr,
@@ -323,7 +326,11 @@ def run_in_process(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    stop = StopOnSignal()
+    else:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one loading bar, process 0's
+    stop = StopOnSignal(announce=writer)
     try:
         with stop, open_display(config.plain) if writer else quiet() as report:
             adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
