@@ -237,6 +237,8 @@ def test_a_run_resumes_in_another_number_of_processes_only_at_the_same_global_ba
     assert "trained by 2 process(es) with a global batch of 8 examples a step" in err[-1]
     assert "processes x --batch-size x --grad-accum = 8 (got 1 x 2 x 2)" in err[-1]
     assert main(["finetune", "--resume", str(out), "--batch-size", "4"]) == 0  # one process, batch 2b
+    config = json.loads((out / "config.json").read_text())
+    assert (config["processes"], config["batch_size"], config["global_batch"]) == (1, 4, 8)  # for the next resume
     a, b = adapter(two_processes), adapter(out)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
     assert ranks(out) == ranks(two_processes)

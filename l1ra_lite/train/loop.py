@@ -285,7 +285,8 @@ def _continue_from(run: Run, checkpoint: ckpt.Checkpoint, checkpoint_path: Path)
     restore(run, checkpoint)
     if distributed.is_writer():
         run_folder.truncate_metrics(run.run_dir / "metrics.jsonl", run.progress.step)
-        run_folder.keep_run_config_in_step(run.run_dir, run.config)
+        now = {"processes": distributed.world_size(), "global_batch": run.schedule.examples_per_step}
+        run_folder.keep_run_config_in_step(run.run_dir, run.config, now)
 
 
 def _check_global_batch(state: dict, examples_per_step: int, path: Path) -> None:
