@@ -260,3 +260,17 @@ def test_killing_one_process_ends_the_other_within_the_timeout_with_one_clear_li
     assert "another process of the run stopped or stopped answering" in lines[-1]
     assert f"the last complete checkpoint in {out} is intact: l1ra-lite finetune --resume {out}" in lines[-1]
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).state["step"] >= 4
+
+
+def test_stock_adalora_trains_data_parallel_as_in_one_process(workdir):
+    """The baselines run data-parallel too (like with like in the bench): AdaLoRA's
+    importance scores come from the summed gradients, so its masks agree as well."""
+    flags = ["--method", "adalora", "--max-steps", 8, "--update-every", 2, "--eval-every", 0, "--save-every", 0]
+    two, one = workdir / "dp-adalora-two", workdir / "dp-adalora-one"
+    run_to_end(finetune_args(workdir, two, 2, *flags))
+    assert main(finetune_args(workdir, one, 4, *flags)) == 0
+    for a, b in zip(metrics(one), metrics(two)):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["rank_total"] == a["rank_total"]
+    assert ranks(one) == ranks(two)
+    a1, a2 = adapter(one), adapter(two)
+    assert all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-5) for k in a1)
