@@ -87,7 +87,13 @@ def processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, cards = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= cards:
+            raise UserError(
+                f"process {local} of this machine has no GPU of its own ({cards} visible): "
+                f"start at most {cards} processes a machine (--nproc-per-node / --num_processes)"
+            )
+        torch.cuda.set_device(local)
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as err:
