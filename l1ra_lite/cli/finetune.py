@@ -342,7 +342,7 @@ def run_in_process(args: argparse.Namespace) -> int:
             )
         return stop.exit_code
     except (distributed.ProcessLost, distributed.OutOfStep) as err:
-        raise type(err)(f"{err}; {last_checkpoint_note(run_dir)}") from None
+        raise type(err)(f"{err}; {last_checkpoint_note(run_dir)} (under the same launcher)") from None
     except KeyboardInterrupt:
         if writer:
             print(f"l1ra-lite: interrupted; {last_checkpoint_note(run_dir)}", file=sys.stderr)

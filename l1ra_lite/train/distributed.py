@@ -20,6 +20,7 @@ function is a no-op: a run is exactly the single-process one.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -112,7 +113,11 @@ def _device() -> torch.device:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    """The gist of a backend's message: its first sentence, without the source location
+    gloo puts in front ("[.../pair.cc:553] Connection closed by peer ...")."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0][:200]
 
 
 def _collective(call: Callable[..., T], *args, **kwargs) -> T:
