@@ -9,7 +9,10 @@
 #     vocabulary): evaluation, checkpoints, resume equal to an uninterrupted run;
 #   - out of memory in a training step and in an evaluation: exit 2, one line, checkpoint kept;
 #   - host syncs per optimiser step (torch.cuda.set_sync_debug_mode);
-#   - peak VRAM at two mistral-7b recipe settings next to l1ra_lite.estimate's figure.
+#   - peak VRAM at two mistral-7b recipe settings next to l1ra_lite.estimate's figure;
+#   - only on a machine with more than one GPU: data-parallel training on all of them
+#     (torchrun) against one GPU with the same global batch, bench/multi_gpu.py, to
+#     $OUT/multi_gpu.json (GPU_MULTI_S seconds of the budget, default 120).
 # Figures go to $OUT/gpu_results.json when $OUT is set, else bench/gpu_results.json,
 # rewritten after every part. The whole script ends within 5 minutes (wheel install
 # included; GPU_BENCH_TOTAL_S, default 290 s); each measurement runs in its own process.
@@ -61,9 +64,20 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 # What is left of the budget goes to the Python side, which keeps its own deadline (a
 # part that would not fit is recorded as not run) and writes after every part; the
 # timeout is the backstop. A --deadline given by the caller comes later and wins.
-left=$((TOTAL - SECONDS))
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+multi=0
+if [ "${gpus:-0}" -gt 1 ]; then multi=${GPU_MULTI_S:-120}; fi
+left=$((TOTAL - SECONDS - multi))
 if [ "$left" -lt 30 ]; then
     echo "gpu.sh: only ${left} s left of ${TOTAL} s after the install; nothing measured" >&2
     exit 2
 fi
-exec timeout --kill-after=5 "$left" "$PYTHON" bench/gpu_bench.py --deadline $((left - 10)) "$@"
+if [ "$multi" -eq 0 ]; then
+    exec timeout --kill-after=5 "$left" "$PYTHON" bench/gpu_bench.py --deadline $((left - 10)) "$@"
+fi
+status=0
+timeout --kill-after=5 "$left" "$PYTHON" bench/gpu_bench.py --deadline $((left - 10)) "$@" || status=$?
+echo "gpu.sh: data-parallel training on $gpus GPUs against one (bench/multi_gpu.py)" >&2
+timeout --kill-after=5 "$multi" "$PYTHON" bench/multi_gpu.py --processes "$gpus" \
+    --timeout $(((multi - 20) / 2)) || status=$?
+exit $status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -30,6 +31,7 @@ CHANGEABLE_ON_RESUME = (
     "data_cache",
 )
 RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
+DEFAULT_PROCESS_TIMEOUT_S = 600  # l1ra_lite.train.distributed.DEFAULT_TIMEOUT_S, without importing torch for --help
 
 
 # Long, but flat: one call an option, in the groups --help shows.
@@ -164,6 +166,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
 
+    group = p.add_argument_group("several processes (under torchrun or accelerate launch: one per GPU)")
+    group.add_argument(
+        "--process-timeout",
+        type=float,
+        default=DEFAULT_PROCESS_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a process waits for the others at a collective before the run stops "
+        f"(default {DEFAULT_PROCESS_TIMEOUT_S})",
+    )
+
 
 def with_default(flag: str, help: str) -> str:
     """`help` with FinetuneConfig's default for the flag's field, so that it cannot drift."""
@@ -184,8 +196,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
 
 
-def resumed_config(run_dir: Path, overrides: dict[str, Any]):
-    """The run's saved settings; flags may only change what does not alter the training."""
+def resumed_config(run_dir: Path, overrides: dict[str, Any], processes: int = 1):
+    """The run's saved settings; flags may only change what does not alter the training.
+    `processes`: how many processes this resume runs in (the global batch must stay)."""
     import dataclasses
 
     from l1ra_lite.config import FIELD_NAMES, FinetuneConfig, validate
@@ -207,10 +220,18 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any]):
                 f"--{key.replace('_', '-')} differs from the run being resumed "
                 f"({getattr(config, key)!r}); a resumed run keeps its settings"
             )
-    if asked.batch_size * asked.grad_accum != config.batch_size * config.grad_accum:
+    saved_processes = saved.get("processes", 1)
+    global_batch = saved_processes * config.batch_size * config.grad_accum
+    if processes * asked.batch_size * asked.grad_accum != global_batch:
+        if processes == saved_processes:
+            raise UserError(
+                f"on resume, --batch-size x --grad-accum must stay "
+                f"{config.batch_size * config.grad_accum} (got {asked.batch_size} x {asked.grad_accum})"
+            )
         raise UserError(
-            f"on resume, --batch-size x --grad-accum must stay "
-            f"{config.batch_size * config.grad_accum} (got {asked.batch_size} x {asked.grad_accum})"
+            f"the run was trained by {saved_processes} process(es) with a global batch of {global_batch} "
+            f"examples a step; with {processes} process(es) keep it: processes x --batch-size x --grad-accum "
+            f"= {global_batch} (got {processes} x {asked.batch_size} x {asked.grad_accum})"
         )
     return asked
 
@@ -243,8 +264,9 @@ class StopOnSignal:
     """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: stop at once
     (checkpoints are written aside and renamed, so the last good one survives)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal: Optional[int] = None
+        self.announce = announce  # False in processes other than 0: one message is enough
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -258,6 +280,8 @@ class StopOnSignal:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
+        if not self.announce:
+            return
         print(
             "\nl1ra-lite: stopping after this step and writing a checkpoint (press Ctrl-C again to quit at once)",
             file=sys.stderr,
@@ -273,55 +297,105 @@ class StopOnSignal:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; under torchrun / accelerate launch this runs in every process (see
+    l1ra_lite.train.distributed): process 0 writes and reports, the others stay quiet
+    except for their own errors."""
+    from l1ra_lite.train import distributed
+
+    with distributed.processes(args.process_timeout):
+        process, processes = distributed.rank(), distributed.world_size()
+        try:
+            return run_in_process(args)
+        except distributed.WriterFailed:
+            return 2  # process 0 failed at something only it does, and said so
+        except UserError as err:
+            if process:  # the user sees every process's error, and whose it is
+                raise type(err)(f"(process {process} of {processes}) {err}") from None
+            raise
+
+
+def run_in_process(args: argparse.Namespace) -> int:
     from l1ra_lite.config import build_config
+    from l1ra_lite.train import distributed
 
     overrides = overrides_from(args)
+    processes = distributed.world_size()
     if args.resume:
         if args.overwrite or args.recipe:
             raise UserError("--resume continues a run with its own settings: drop --overwrite / --recipe")
         run_dir = Path(args.resume)
-        config = resumed_config(run_dir, overrides)
+        config = resumed_config(run_dir, overrides, processes)
     else:
         config = build_config(args.recipe, overrides)
-        run_dir = prepare_output(config, args.overwrite)
+        # The writer prepares the folder; the others take its name (it holds the time).
+        run_dir = Path(distributed.from_writer(lambda: str(prepare_output(config, args.overwrite))))
 
     from l1ra_lite.train import Interrupted, OutOfMemory, train
-    from l1ra_lite.ui.dashboard import open_display
 
-    print(
-        f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
-        file=sys.stderr,
-        flush=True,
-    )
-    announce_embedded_conversion(config.model)
-    stop = StopOnSignal()
+    writer = distributed.is_writer()
+    if writer:
+        print(
+            f"l1ra-lite: {'resuming' if args.resume else 'starting'} {config.method} run in {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        announce_embedded_conversion(config.model)
+        if processes > 1:
+            print(
+                f"l1ra-lite: {processes} processes x batch size {config.batch_size} x grad accumulation "
+                f"{config.grad_accum} = a global batch of {processes * config.batch_size * config.grad_accum} "
+                "examples a step",
+                file=sys.stderr,
+                flush=True,
+            )
+    else:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one loading bar, process 0's
+    stop = StopOnSignal(announce=writer)
     try:
-        with stop, open_display(plain=config.plain) as report:
+        with stop, open_display(config.plain) if writer else quiet() as report:
             adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
     except Interrupted as err:
-        print(
-            f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return stop.exit_code
-    except KeyboardInterrupt:
-        from l1ra_lite.checkpoint import list_checkpoints
-
-        if list_checkpoints(run_dir):
+        if writer:
             print(
-                f"l1ra-lite: interrupted; the last complete checkpoint in {run_dir} is intact: "
-                f"l1ra-lite finetune --resume {run_dir}",
+                f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
                 file=sys.stderr,
             )
-        else:
-            print("l1ra-lite: interrupted before the first checkpoint; start again to train", file=sys.stderr)
+        return stop.exit_code
+    except (distributed.ProcessLost, distributed.OutOfStep) as err:
+        raise type(err)(f"{err}; {last_checkpoint_note(run_dir)} (under the same launcher)") from None
+    except KeyboardInterrupt:
+        if writer:
+            print(f"l1ra-lite: interrupted; {last_checkpoint_note(run_dir)}", file=sys.stderr)
         return stop.exit_code
     except OutOfMemory as err:
         raise UserError(out_of_memory_advice(config, err, run_dir)) from None
     except OSError as err:  # disk full, folder not writable: say so, keep the traceback out
         raise UserError(f"cannot write to {run_dir}: {err.strerror or err}") from None
-    print(f"l1ra-lite: adapter written to {adapter_dir} (a standard peft LoRA folder)", file=sys.stderr)
+    if writer:
+        print(f"l1ra-lite: adapter written to {adapter_dir} (a standard peft LoRA folder)", file=sys.stderr)
     return 0
+
+
+def open_display(plain: bool):
+    from l1ra_lite.ui.dashboard import open_display as display
+
+    return display(plain=plain)
+
+
+@contextlib.contextmanager
+def quiet():
+    """The reporter of processes other than 0: they train, process 0 shows it."""
+    yield lambda event: None
+
+
+def last_checkpoint_note(run_dir: Path) -> str:
+    from l1ra_lite.checkpoint import list_checkpoints
+
+    if list_checkpoints(run_dir):
+        return f"the last complete checkpoint in {run_dir} is intact: l1ra-lite finetune --resume {run_dir}"
+    return "there was no checkpoint yet; start again to train"
 
 
 def announce_embedded_conversion(model: Optional[str]) -> None:

@@ -5,6 +5,7 @@ step.py        one optimiser step and one evaluation pass
 schedule.py    run length, warmup, LR, when to reallocate / evaluate / save
 measure.py     memory and trainable-state bytes
 run_folder.py  config.json, metrics.jsonl, the resume fingerprint, adapter/
+distributed.py several processes (torchrun / accelerate launch): gradient sum, shards, in-step check
 """
 
 from l1ra_lite.train.loop import Diverged, Interrupted, OutOfMemory, is_out_of_memory, run_dtype, train

@@ -11,10 +11,15 @@ do what differs.
 We place the model with from_pretrained's device_map and use torch.autocast directly:
 on one device that is all accelerate's wrappers would do here, and they would hide the
 optimiser whose state the reallocation resizes.
+
+Under a launcher (torchrun, accelerate launch) the same loop runs in every process, each
+on its share of every global batch; l1ra_lite.train.distributed holds all that differs
+(the gradient sum, the sharded evaluation, the in-step check) and process 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -46,7 +51,7 @@ from l1ra_lite.l1ra.rank_state import RankState
 from l1ra_lite.methods import AdapterMethod, attach_method
 from l1ra_lite.models import ModelSource, compute_dtype, default_device, load_model, load_tokenizer
 from l1ra_lite.rank_pattern import read_rank_pattern
-from l1ra_lite.train import run_folder
+from l1ra_lite.train import distributed, run_folder
 from l1ra_lite.train import step as steps
 from l1ra_lite.train.measure import free_memory_note, memory_stats, reset_peak_memory, trainable_state_bytes
 from l1ra_lite.train.schedule import Schedule, lr_at, plan_schedule
@@ -150,6 +155,7 @@ def checkpoint_of(run: Run, rng: dict[str, torch.Tensor]) -> ckpt.Checkpoint:
         "skipped_steps": progress.skipped,
         "bad_in_a_row": progress.bad_in_a_row,
         "examples_seen": progress.step * run.schedule.examples_per_step,
+        "processes": distributed.world_size(),
         "rank_state": method.rank_state.to_json(),
         "fingerprint": run.fingerprint,
         **method_state,
@@ -172,9 +178,9 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     method.load_extra_state(checkpoint.extra, checkpoint.state)
     if run.scaler is not None and "grad_scaler" in checkpoint.state:
         run.scaler.load_state_dict(checkpoint.state["grad_scaler"])
-    torch.set_rng_state(checkpoint.extra["rng.torch_cpu"])
+    torch.set_rng_state(distributed.own_state(checkpoint.extra, "rng.torch_cpu"))
     if run.device.startswith("cuda") and "rng.cuda" in checkpoint.extra:
-        torch.cuda.set_rng_state(checkpoint.extra["rng.cuda"])
+        torch.cuda.set_rng_state(distributed.own_state(checkpoint.extra, "rng.cuda"))
     state = checkpoint.state
     run.progress = Progress(state["step"], state["skipped_steps"], state.get("bad_in_a_row", 0))
     run.saved_step = run.progress.step
@@ -186,18 +192,21 @@ def step_batches(
     step: int,
     order_of_epoch: Callable[[int], list[int]],
     pad_id: int,
+    process: int = 0,
+    processes: int = 1,
 ) -> list[dict]:
-    """The micro-batches of optimiser step `step`. Step s reads positions
-    [s E, (s+1) E) of the concatenated per-epoch shuffles (E examples per step): a pure
+    """The micro-batches of optimiser step `step` for `process` of `processes`. Step s
+    reads positions [s E, (s+1) E) of the concatenated per-epoch shuffles (E examples
+    per step, over all processes), process k the k-th consecutive slice of them: a pure
     function of the step, so a resumed run reads exactly what the uninterrupted one
-    would have, also when it splits E into other micro-batches."""
-    n, per_step = len(train_examples), config.batch_size * config.grad_accum
+    would have, also when it splits E into other micro-batches or processes."""
+    n, per_process = len(train_examples), config.batch_size * config.grad_accum
+    start = step * per_process * processes + process * per_process
     if hasattr(train_examples, "take"):  # a stream (--streaming): positions in the stream, shuffled as it is read
-        examples = train_examples.take(step * per_step, per_step)
+        examples = train_examples.take(start, per_process)
     else:
-        chosen = [order_of_epoch(p // n)[p % n] for p in range(step * per_step, (step + 1) * per_step)]
-        examples = [train_examples[i] for i in chosen]
-    return [collate(examples[k : k + config.batch_size], pad_id) for k in range(0, per_step, config.batch_size)]
+        examples = [train_examples[order_of_epoch(p // n)[p % n]] for p in range(start, start + per_process)]
+    return [collate(examples[k : k + config.batch_size], pad_id) for k in range(0, per_process, config.batch_size)]
 
 
 # ------------------------------------------------------------------ setup
@@ -214,7 +223,7 @@ def setup_run(
     from l1ra_lite.models import resolve_model
 
     source = source or resolve_model(config.model)
-    device = device or default_device()
+    device = device or distributed.process_device(default_device())
     precision = steps.Precision(run_dtype(config, device), device.split(":")[0])
 
     # Data first: a bad file should fail before minutes of model loading.
@@ -241,7 +250,7 @@ def setup_run(
     )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
-    schedule = plan_schedule(config, len(data.train))
+    schedule = plan_schedule(config, len(data.train), distributed.world_size())
 
     checkpoint_path = ckpt.latest_checkpoint(run_dir) if resume else None
     checkpoint = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path else None
@@ -268,16 +277,40 @@ def setup_run(
     )
     if checkpoint is not None:
         _continue_from(run, checkpoint, checkpoint_path)
-    else:
+    elif distributed.is_writer():
         _start_run_folder(run)
+    check_in_step(run, run.progress.step)  # every process starts from the same adapters
     return run
+
+
+def check_in_step(run: Run, step: int) -> None:
+    """Under several processes: stop unless every process holds the same adapters
+    (gates, for L1RA, included) and ranks."""
+    trainable = [(n, p) for n, p in run.method.model.named_parameters() if p.requires_grad]
+    distributed.check_in_step(trainable, list(run.method.rank_state.ranks.values()), step)
 
 
 def _continue_from(run: Run, checkpoint: ckpt.Checkpoint, checkpoint_path: Path) -> None:
     run_folder.check_fingerprint(checkpoint.state["fingerprint"], run.fingerprint, checkpoint_path)
+    _check_global_batch(checkpoint.state, run.schedule.examples_per_step, checkpoint_path)
     restore(run, checkpoint)
-    run_folder.truncate_metrics(run.run_dir / "metrics.jsonl", run.progress.step)
-    run_folder.keep_run_config_in_step(run.run_dir, run.config)
+    if distributed.is_writer():
+        run_folder.truncate_metrics(run.run_dir / "metrics.jsonl", run.progress.step)
+        now = {"processes": distributed.world_size(), "global_batch": run.schedule.examples_per_step}
+        run_folder.keep_run_config_in_step(run.run_dir, run.config, now)
+
+
+def _check_global_batch(state: dict, examples_per_step: int, path: Path) -> None:
+    """Step s reads examples [s E, (s+1) E): a resumed run must keep E (processes x
+    batch size x grad accumulation), or it would read other data from here on."""
+    step, seen = state["step"], state.get("examples_seen")
+    if step and seen is not None and seen != step * examples_per_step:
+        saved = seen // step
+        raise UserError(
+            f"checkpoint {path} was written with {saved} examples a step ({state.get('processes', 1)} "
+            f"process(es) x batch size x grad accumulation); this run has {examples_per_step} "
+            f"({distributed.world_size()} process(es)): keep the product, e.g. with --batch-size / --grad-accum"
+        )
 
 
 def _start_run_folder(run: Run) -> None:
@@ -295,6 +328,8 @@ def _start_run_folder(run: Run) -> None:
             "compute_dtype": str(run.precision.dtype).removeprefix("torch."),
             "total_steps": schedule.total_steps,
             "n_adapters": len(method.rank_state.ranks),
+            "processes": distributed.world_size(),
+            "global_batch": schedule.examples_per_step,
             "data_stats": run.data.stats.to_dict(),
             "version": __version__,
         },
@@ -325,11 +360,19 @@ def _load_with_adapters(
 
 
 def write_ranks(run: Run) -> None:
-    write_json_atomic(run.run_dir / "ranks.json", run.method.rank_state.to_json())
+    if distributed.is_writer():
+        write_json_atomic(run.run_dir / "ranks.json", run.method.rank_state.to_json())
 
 
 def save(run: Run, rng: Optional[dict] = None) -> None:
-    snapshot = checkpoint_of(run, rng if rng is not None else rng_states(run.device))
+    """Write a checkpoint (process 0; under several processes, after checking that they
+    are in step, with every process's RNG state)."""
+    check_in_step(run, run.progress.step)
+    rng = distributed.gather_states(rng if rng is not None else rng_states(run.device))
+    if not distributed.is_writer():
+        run.saved_step = run.progress.step
+        return
+    snapshot = checkpoint_of(run, rng)
     try:
         path = ckpt.save_checkpoint(run.run_dir, run.progress.step, snapshot, run.config.keep_checkpoints)
     except OSError as err:
@@ -363,11 +406,12 @@ def maybe_reallocate(run: Run) -> Optional[float]:
     step = run.progress.step
     if not (run.method.moves_rank and run.schedule.reallocates_at(step)):
         return None
-    if run.config.log_gates:
+    if run.config.log_gates and distributed.is_writer():
         run_folder.write_rank_snapshot(run.run_dir, step, run.method.rank_snapshot())
     started = time.perf_counter()
     event = run.method.reallocate(step)
     seconds = time.perf_counter() - started
+    check_in_step(run, step)  # the same plan in every process, or stop
     if event is not None:
         write_ranks(run)
         run.report(
@@ -383,13 +427,13 @@ def metrics_line(
     loss: Optional[float],
     grad_norm: float,
     lr: float,
-    batches: list[dict],
+    tokens: float,
     started: tuple[float, float],
     fit_started: float,
     memory: MemoryStats,
 ) -> dict:
+    """`tokens`: the step's input tokens over all processes."""
     now = time.perf_counter()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     line = {
         "step": run.progress.step,
         "loss": float("nan") if loss is None else loss,
@@ -408,9 +452,10 @@ def metrics_line(
     return line
 
 
-def log(run: Run, metrics: TextIO, line: dict, memory: MemoryStats) -> None:
-    metrics.write(json.dumps(line) + "\n")
-    metrics.flush()
+def log(run: Run, metrics: Optional[TextIO], line: dict, memory: MemoryStats) -> None:
+    if metrics is not None:  # None in processes other than 0
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
     run.report(
         StepLogged(
             step=line["step"],
@@ -439,11 +484,21 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
     pad_id = run.tokenizer.pad_token_id
     reset_peak_memory(run.device)  # the peak in metrics is the training's, not the loading's
     fit_started = time.perf_counter()
-    with open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    process, processes = distributed.rank(), distributed.world_size()
+    eval_examples = distributed.shard(run.data.eval)
+    with _metrics_file(run) as metrics:
         while progress.step < schedule.total_steps:
             started = (time.perf_counter(), time.process_time())
             rng_before = rng_states(run.device)  # an OOM checkpoint must resume from before this step
-            batches = step_batches(run.data.train, config, progress.step, run.order_of_epoch, pad_id)
+            batches = step_batches(
+                run.data.train, config, progress.step, run.order_of_epoch, pad_id, process, processes
+            )
+            step_tokens, tokens = distributed.sum_over_processes(
+                [
+                    sum(steps.label_tokens(b["labels"]) for b in batches),
+                    sum(int(b["attention_mask"].sum()) for b in batches),
+                ]
+            )
             lr = lr_at(progress.step, schedule, config.lr)
             phase, line, memory = "training step", None, None
             try:
@@ -456,27 +511,28 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
                     run.precision.autocast,
                     progress.step + 1,
                     run.scaler,
+                    int(step_tokens),
                 )
                 progress.step += 1
                 count_outcome(run, loss, grad_norm)
                 phase = "reallocation"
                 realloc_s = maybe_reallocate(run)
                 memory = memory_stats(run.device)
-                line = metrics_line(run, loss, grad_norm, lr, batches, started, fit_started, memory)
+                line = metrics_line(run, loss, grad_norm, lr, tokens, started, fit_started, memory)
                 if realloc_s is not None:
                     line["realloc_s"] = realloc_s
                 is_last = progress.step == schedule.total_steps
                 if run.data.eval and (is_last or due(schedule.eval_every, progress.step)):
                     phase = "evaluation"
                     eval_loss = steps.evaluate(
-                        run.method.model, run.data.eval, config.batch_size, pad_id, run.device, run.precision.autocast
+                        run.method.model, eval_examples, config.batch_size, pad_id, run.device, run.precision.autocast
                     )
                     line.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     run.report(Evaluated(progress.step, eval_loss, line["eval_ppl"]))
                 # The metrics line goes first: a run killed after its checkpoint has it.
                 if due(config.log_every, progress.step) or is_last or "eval_loss" in line:
                     log(run, metrics, line, memory)
-                stop = should_stop() and not is_last
+                stop = distributed.any_process(should_stop()) and not is_last  # all stop at the same step
                 # No periodic checkpoint right after a skipped (non-finite) step: the newest
                 # checkpoints stay those of good steps.
                 if stop or is_last or (due(schedule.save_every, progress.step) and not progress.bad_in_a_row):
@@ -495,6 +551,13 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
             _out_of_memory(run, phase, rng_before)
 
 
+def _metrics_file(run: Run):
+    """metrics.jsonl, appended to by process 0; None (nothing written) in the others."""
+    if distributed.is_writer():
+        return open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    return contextlib.nullcontext(None)
+
+
 def _out_of_memory(run: Run, phase: str, rng_before: dict) -> None:
     """Free what the failed phase held, keep a checkpoint where that is safe, and raise
     OutOfMemory. A failed training step left the counter where it was (rng_before is the
@@ -504,7 +567,9 @@ def _out_of_memory(run: Run, phase: str, rng_before: dict) -> None:
     if run.device.startswith("cuda"):
         torch.cuda.empty_cache()
     progress = run.progress
-    if phase in ("training step", "evaluation") and progress.step > 0 and run.saved_step != progress.step:
+    # Not under several processes: the others are inside another collective by now.
+    safe_to_save = progress.step > 0 and run.saved_step != progress.step and not distributed.active()
+    if phase in ("training step", "evaluation") and safe_to_save:
         save(run, rng_before if phase == "training step" else None)
     raise OutOfMemory(progress.step + 1 if phase == "training step" else progress.step, run.saved_step, phase)
 
@@ -513,6 +578,8 @@ def _out_of_memory(run: Run, phase: str, rng_before: dict) -> None:
 
 
 def finish(run: Run) -> Path:
+    if not distributed.is_writer():
+        return run.run_dir / "adapter"
     write_ranks(run)
     adapter_dir = run_folder.save_adapter(run.method, run.run_dir, run.source, run.config, run.tokenizer)
     run.report(

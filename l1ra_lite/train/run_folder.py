@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from l1ra_lite.atomic import replace_dir_atomically, write_json_atomic, write_tensors_atomic, write_text_atomic
 from l1ra_lite.config import FinetuneConfig
@@ -19,11 +20,13 @@ def write_run_config(run_dir: Path, config: FinetuneConfig, extra: dict) -> None
     write_json_atomic(run_dir / "config.json", {**config.to_dict(), **extra})
 
 
-def keep_run_config_in_step(run_dir: Path, config: FinetuneConfig) -> None:
+def keep_run_config_in_step(run_dir: Path, config: FinetuneConfig, now: Optional[dict] = None) -> None:
     """On resume: the settings that may change (e.g. the batch split) as given now, the
-    resolved values (budget, alpha, ...) as the run first wrote them."""
+    resolved values (budget, alpha, ...) as the run first wrote them, except those in
+    `now` (e.g. the number of processes)."""
     saved = json.loads((run_dir / "config.json").read_text())
-    write_run_config(run_dir, config, {k: v for k, v in saved.items() if k not in config.to_dict()})
+    kept = {k: v for k, v in saved.items() if k not in config.to_dict()}
+    write_run_config(run_dir, config, {**kept, **(now or {})})
 
 
 def fingerprint(config: FinetuneConfig, source: ModelSource, budget: int, paths: list[str]) -> dict:

@@ -15,7 +15,7 @@ from l1ra_lite.config import FinetuneConfig, shrink_steps, steps_from
 class Schedule:
     total_steps: int
     steps_per_epoch: int
-    examples_per_step: int  # batch_size x grad_accum
+    examples_per_step: int  # processes x batch_size x grad_accum: the global batch
     warmup_steps: int
     update_every: int  # steps between reallocations (L1RA) or AdaLoRA's deltaT; 0: none
     eval_every: int  # 0: only at the end
@@ -48,8 +48,8 @@ class Schedule:
         return nxt if nxt < self.last_update_bound else None
 
 
-def plan_schedule(config: FinetuneConfig, n_train_examples: int) -> Schedule:
-    per_step = config.batch_size * config.grad_accum
+def plan_schedule(config: FinetuneConfig, n_train_examples: int, processes: int = 1) -> Schedule:
+    per_step = processes * config.batch_size * config.grad_accum
     total = config.max_steps or max(1, math.ceil(config.epochs * n_train_examples / per_step))
     return Schedule(
         total_steps=total,

@@ -16,6 +16,7 @@ import torch
 
 from l1ra_lite.data import IGNORE_INDEX, collate
 from l1ra_lite.loss import causal_lm_loss
+from l1ra_lite.train import distributed
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,27 @@ def optimizer_step(
     autocast: dict,
     step_number: int,
     scaler: Optional[torch.amp.GradScaler] = None,
+    step_tokens: Optional[int] = None,
 ) -> tuple[Optional[float], float]:
     """Forward/backward over the micro-batches, clip, step, then the method's own
     after-step hook. Returns (loss, grad norm); loss is None when the loss or the
     gradients were not finite, and then nothing was updated. With fp16 loss scaling
     (`scaler`), gradients that overflow are not a fault: the step is skipped, the scale
-    lowered, and the loss returned with an infinite grad norm."""
-    step_tokens = sum(label_tokens(b["labels"]) for b in batches)
+    lowered, and the loss returned with an infinite grad norm.
+
+    Under several processes `batches` are this process's share of the step and
+    `step_tokens` the answer tokens of the whole (global) step: the gradients summed over
+    the processes are then those of the global batch."""
+    if step_tokens is None:
+        step_tokens = sum(label_tokens(b["labels"]) for b in batches)
     loss = torch.zeros((), device=device)
     for batch in batches:
         weight = label_tokens(batch["labels"]) / max(1, step_tokens)
         loss += forward_backward(method.model, to_device(batch, device), weight, autocast, scaler)
+    params = [p for group in method.optimizer.param_groups for p in group["params"]]
+    loss = distributed.sum_gradients(params, loss)  # no-op in a single process
     if scaler is not None:
         scaler.unscale_(method.optimizer)
-    params = [p for group in method.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     loss, grad_norm = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -107,7 +115,8 @@ def optimizer_step(
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: str, autocast: dict) -> float:
-    """Token-weighted mean loss over the held-out examples."""
+    """Token-weighted mean loss over the held-out examples. Under several processes each
+    evaluates its share (distributed.shard) and the sums are added over them."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -119,4 +128,5 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: 
                 total_loss += causal_lm_loss(model, to_device(batch, device)).double() * tokens
             total_tokens += tokens
     model.train(was_training)
-    return float(total_loss) / max(1, total_tokens)  # read once, at the end
+    total, tokens = distributed.sum_over_processes([float(total_loss), total_tokens])  # read once, at the end
+    return total / max(1, tokens)
