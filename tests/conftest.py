@@ -1,6 +1,13 @@
 """Fixtures shared by several test files."""
 
+import os
+import tempfile
+
 import pytest
+
+# Runs in the tests (and the processes they start) cache prepared data and converted models
+# under XDG_CACHE_HOME: a folder of this session's, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="l1ra-tests-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -246,7 +246,7 @@ def setup_run(
         cache_dir=Path(config.data_cache) if config.data_cache else default_data_cache(),
         streaming=config.streaming,
         max_steps=config.max_steps,
-        examples_per_step=config.batch_size * config.grad_accum,
+        examples_per_step=config.batch_size * config.grad_accum * distributed.world_size(),
     )
     if not data.train:
         raise UserError("no training examples left after tokenisation (is --seq-len too short?)")
