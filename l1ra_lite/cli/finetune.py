@@ -26,8 +26,20 @@ CHANGEABLE_ON_RESUME = (
     "log_every",
     "batch_size",
     "grad_accum",
+    "report_to",
 )
-RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
+# What --overwrite removes; the last three are the trackers' (l1ra_lite.reporting.RUN_FOLDER_ENTRIES).
+RUN_ARTEFACTS = (
+    "config.json",
+    "ranks.json",
+    "metrics.jsonl",
+    "adapter",
+    "latest",
+    "gates",
+    "tensorboard",
+    "wandb",
+    "wandb-run.json",
+)
 
 
 # Long, but flat: one call an option, in the groups --help shows.
@@ -134,6 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--keep-checkpoints", "keep the newest N checkpoints", type=int)
     opt("--log-every", "write a metrics line every N steps", type=int)
     flag("--plain", "plain log lines instead of the live dashboard")
+    opt(
+        "--report-to",
+        "also send the training curves to TensorBoard (event files in RUN_DIR/tensorboard), W&B "
+        "(offline in RUN_DIR/wandb when the server cannot be reached; WANDB_MODE is respected), or all",
+        choices=CHOICES["report_to"],
+    )
     group.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
 
@@ -247,6 +265,7 @@ class StopOnSignal:
 
 def run(args: argparse.Namespace) -> int:
     from l1ra_lite.config import build_config
+    from l1ra_lite.reporting import check_installed, fan_out, open_trackers
 
     overrides = overrides_from(args)
     if args.resume:
@@ -254,8 +273,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own settings: drop --overwrite / --recipe")
         run_dir = Path(args.resume)
         config = resumed_config(run_dir, overrides)
+        check_installed(config.report_to)  # before minutes of loading, not after
     else:
         config = build_config(args.recipe, overrides)
+        check_installed(config.report_to)
         run_dir = prepare_output(config, args.overwrite)
 
     from l1ra_lite.train import Interrupted, OutOfMemory, train
@@ -269,8 +290,8 @@ def run(args: argparse.Namespace) -> int:
     announce_embedded_conversion(config.model)
     stop = StopOnSignal()
     try:
-        with stop, open_display(plain=config.plain) as report:
-            adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
+        with stop, open_display(plain=config.plain) as show, open_trackers(config.report_to, run_dir) as track:
+            adapter_dir = train(config, run_dir, fan_out(show, track), resume=bool(args.resume), should_stop=stop)
     except Interrupted as err:
         print(
             f"l1ra-lite: stopped at step {err.step}; continue with: l1ra-lite finetune --resume {run_dir}",
