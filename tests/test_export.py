@@ -524,6 +524,21 @@ def test_cli_export_hf_default_folder(run_none):
     assert config["dtype"] == "float16"
 
 
+def test_merge_alias_writes_what_export_format_hf_writes(run_none, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    by_export, by_merge = tmp_path / "export", tmp_path / "merge"
+    assert cli_main(["export", str(run_none), "--format", "hf", "--dtype", "f32", "--out", str(by_export)]) == 0
+    assert cli_main(["merge", str(run_none), "--dtype", "f32", "--out", str(by_merge)]) == 0
+    assert sorted(p.name for p in by_merge.iterdir()) == sorted(p.name for p in by_export.iterdir())
+    a, b = load_file(str(by_export / "model.safetensors")), load_file(str(by_merge / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert cli_main(["merge", str(run_none), "--dtype", "f32", "--out", str(by_merge)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("l1ra-lite merge: error:") and "--overwrite" in err[0]
+
+
 def test_cli_gguf_default_name_and_modelfile(run_none):
     assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q8_0"]) == 0
     assert (run_none / "model-q8_0.gguf").is_file() and (run_none / "model-q8_0.Modelfile").is_file()

@@ -14,16 +14,18 @@ DEFAULT_DTYPES = {"hf": "f16", "gguf-lora": "f32", "gguf": "f16"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with adapter/)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="target path (default: inside the run folder: export-hf/, adapter.gguf, model-<dtype>.gguf)",
+    add_target_arguments(
+        parser,
+        out_help="target path (default: inside the run folder: export-hf/, adapter.gguf, model-<dtype>.gguf)",
+        dtype_help="hf: f32|f16|bf16 (default f16); gguf: f32|f16|bf16|q8_0 (default f16); "
+        "gguf-lora: f32|f16 (default f32)",
     )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help="hf: f32|f16|bf16 (default f16); gguf: f32|f16|bf16|q8_0 (default f16); gguf-lora: f32|f16 (default f32)",
-    )
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, out_help: str, dtype_help: str) -> None:
+    """The options `export` and its alias `merge` share."""
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--dtype", default=None, help=dtype_help)
     parser.add_argument(
         "--merge-into",
         default=None,
