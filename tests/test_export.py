@@ -573,6 +573,69 @@ def test_cli_dequantized_merge_needs_nf4_run(run_none, tmp_path, capsys):
     assert not out.exists()
 
 
+def hide_llama_cpp(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+
+
+def copied_run(run_none, tmp_path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_none, run, ignore=shutil.ignore_patterns("export-hf", "*.gguf", "*.Modelfile"))
+    return run
+
+
+def test_quantised_gguf_without_llama_cpp_says_what_to_install(run_none, tmp_path, monkeypatch, capsys):
+    hide_llama_cpp(monkeypatch)
+    run = copied_run(run_none, tmp_path)
+    assert cli_main(["export", str(run), "--format", "gguf", "--dtype", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'l1ra-lite[gguf]'" in err[0] and "make install-gguf" in err[0]
+    assert not list(run.glob("*.gguf")) and not list(run.glob(".*"))
+
+
+def test_keep_f16_goes_only_with_a_llama_cpp_type(run_none, capsys):
+    assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q8_0", "--keep-f16"]) == 2
+    assert "--keep-f16 goes with --format gguf --dtype q4_k_m|" in capsys.readouterr().err
+    assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q3_k"]) == 2
+    assert "q4_k_m, q5_k_m, q6_k, q4_0, q5_0 (got 'q3_k')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_quantised_gguf_is_made_from_the_f16_export_which_goes_unless_kept(
+    run_none, tmp_path, monkeypatch, capsys, keep
+):
+    """The steps around llama.cpp's quantiser (here a stand-in that halves the file): the
+    f16 GGUF it reads is the `--dtype f16` export, kept only with --keep-f16; sizes reported."""
+    from l1ra_lite.export import gguf_quantize
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.finished_run import read_run
+
+    run = copied_run(run_none, tmp_path)
+    reference, _ = export_gguf(read_run(run), tmp_path / "reference.gguf")
+    seen = {}
+
+    def stand_in(src, dst, dtype):
+        seen.update(src=src, dtype=dtype, data=src.read_bytes())
+        dst.write_bytes(seen["data"][: len(seen["data"]) // 2])
+
+    monkeypatch.setattr(gguf_quantize, "require_llama_cpp", lambda dtype: None)
+    monkeypatch.setattr(gguf_quantize, "quantize", stand_in)
+    args = ["export", str(run), "--format", "gguf", "--dtype", "q4_k_m"] + (["--keep-f16"] if keep else [])
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert seen["dtype"] == "q4_k_m" and seen["data"] == reference.read_bytes()
+    target = run / "model-q4_k_m.gguf"
+    assert target.stat().st_size == reference.stat().st_size // 2
+    assert "0.50 x the f16 GGUF's" in out and f"wrote {target}" in out
+    assert "FROM ./model-q4_k_m.gguf" in (run / "model-q4_k_m.Modelfile").read_text()
+    assert (run / "model-f16.gguf").exists() == keep and (f"wrote {run / 'model-f16.gguf'}" in out) == keep
+    assert not list(run.glob(".*"))  # the f16 file made aside is gone
+
+
 def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):
     """An error in the middle of writing (here: a bad adapter) keeps the old file and no temp."""
     import shutil

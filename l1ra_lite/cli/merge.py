@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         out_help="target folder (default: RUN_DIR/export-hf/)",
         dtype_help="f32|f16|bf16 (default f16)",
     )
-    parser.set_defaults(format="hf")
+    parser.set_defaults(format="hf", keep_f16=False)
 
 
 def run(args: argparse.Namespace) -> int:
