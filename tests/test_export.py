@@ -32,13 +32,24 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2 style, with merges) and ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(qwen: bool = False):
+    """A byte-level BPE tokenizer (GPT-2 style, with merges) and ChatML special tokens;
+    with `qwen`, split before BPE as Qwen2's is (its regex, NFC, no BOS)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from l1ra_lite.export.gguf_vocab import QWEN2_PATTERN
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
@@ -47,9 +58,9 @@ def build_tokenizer():
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|im_start|>",
+        bos_token=None if qwen else "<|im_start|>",
         eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
+        pad_token="<|endoftext|>" if qwen else "<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
@@ -67,9 +78,18 @@ def make_run(
 ) -> Path:
     """A finished run folder: base/ (16-bit), run/config.json, run/adapter/ (standard peft LoRA)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(qwen=model_type.startswith("qwen"))
     common = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -87,6 +107,16 @@ def make_run(
     torch.manual_seed(0)
     if model_type == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        for name, param in model.named_parameters():  # q/k/v biases that move the logits
+            if name.endswith("proj.bias"):
+                param.data = torch.randn(param.shape) * 0.5
+    elif model_type == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+        for name, param in model.named_parameters():  # per-head q/k norms that are not all 1
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.data = 1 + torch.rand(param.shape)
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     base = root / "base"
@@ -460,6 +490,40 @@ def test_gguf_llama3_rope_scaling_writes_rope_freqs(tmp_path):
     smooth = (64 / wavelength - 1.0) / (4.0 - 1.0)
     assert factors[1] == pytest.approx(1 / ((1 - smooth) / 8.0 + smooth), rel=1e-5)
     assert llama3_rope_factors(LlamaConfig(hidden_size=64, num_attention_heads=4)) is None
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_gguf_model_of_qwen_reads_back_as_the_merged_weights(tmp_path, model_type):
+    """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms): llama.cpp's names, rows as
+    transformers has them (no q/k permutation), Qwen2's pre-tokenizer."""
+    from safetensors import safe_open
+
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.finished_run import read_run
+
+    run = read_run(make_run(tmp_path, model_type=model_type))
+    merged_dir = export_hf(run, tmp_path / "hf", dtype="f32")
+    path, _ = export_gguf(run, tmp_path / "model-f32.gguf", dtype="f32")
+    weights, fields = _gguf_weights(path)
+    extra = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight"}[model_type]
+    assert extra in weights and "blk.1.attn_k.weight" in weights and "output.weight" in weights
+    with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
+        assert len(weights) == len(list(f.keys()))
+        layout = read_layout(merged_dir, model_type)
+        for hf_name in f.keys():
+            assert np.array_equal(weights[layout.tensor_name(hf_name)], f.get_tensor(hf_name).numpy()), hf_name
+    assert fields["general.architecture"].contents() == model_type
+    assert fields[f"{model_type}.attention.head_count_kv"].contents() == 2
+    assert fields[f"{model_type}.attention.key_length"].contents() == 16
+    assert fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+
+
+def read_layout(folder: Path, model_type: str):
+    from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, layout_for
+
+    return layout_for(json.loads((folder / "config.json").read_text()), model_type, GGUF_MODEL_ARCHS)
 
 
 def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
