@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         done = export_quantized_gguf(run_info, out, dtype, args.merge_into, args.overwrite, keep_f16=f16)
         size = f"{mib(done.bytes)}, {done.bytes / done.f16_bytes:.2f} x the f16 GGUF's {mib(done.f16_bytes)}"
         print(f"wrote {done.path}  ({size}; llama-cli -m {done.path})")
+        print("  tensor types: " + ", ".join(f"{n} {name}" for name, n in done.types.items()))
         if done.f16_path:
             print(f"wrote {done.f16_path}  (the f16 GGUF it was quantised from)")
         print(f"wrote {done.modelfile}  (ollama create my-model -f {done.modelfile})")

@@ -14,9 +14,13 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from l1ra_lite.errors import UserError
 
@@ -39,6 +43,7 @@ class QuantizedExport:
     bytes: int
     f16_bytes: int  # the f16 GGUF it was made from
     f16_path: Optional[Path]  # where that file was kept (--keep-f16), else None
+    types: dict[str, int]  # tensor type -> how many tensors have it
 
 
 def require_llama_cpp(dtype: str) -> None:
@@ -54,9 +59,43 @@ def quantize(src: Path, dst: Path, dtype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[dtype])
     params.nthread = os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama.cpp writes a few lines per tensor to the process's stderr, from C: they go to a
+    # file, shown only if the quantiser fails. What they would tell (the fallbacks to other
+    # types) is in tensor_types(dst).
+    with tempfile.TemporaryFile() as log, _stderr_to(log):
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        log.seek(0)
+        lines = log.read().decode(errors="replace").strip().splitlines()
     if status != 0:
-        raise RuntimeError(f"llama.cpp could not quantise {src} to {dtype} (status {status})")
+        last = lines[-1] if lines else "no message"
+        raise RuntimeError(f"llama.cpp could not quantise {src} to {dtype} (status {status}): {last}")
+
+
+@contextmanager
+def _stderr_to(file) -> Iterator[None]:
+    """Send stderr to `file` for the block: file descriptor 2, which C code writes to, and
+    sys.stderr, which llama-cpp-python's log callback prints to (they differ under pytest
+    or in a notebook)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text = open(file.fileno(), "w", closefd=False)
+    try:
+        os.dup2(file.fileno(), 2)
+        with redirect_stderr(text):
+            yield
+    finally:
+        text.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each type a GGUF file holds, most first. llama.cpp falls back to
+    other types where a row is not a whole number of blocks (k-quants: 256 values)."""
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    return dict(counts.most_common())
 
 
 def f16_path_for(out: Path, default_name: bool) -> Path:
@@ -94,4 +133,4 @@ def export_quantized_gguf(
         if keep_f16 is None:
             f16.unlink(missing_ok=True)
     write_modelfile(modelfile, out.name, run.tokenizer_dir, overwrite)
-    return QuantizedExport(out, modelfile, out.stat().st_size, f16_bytes, keep_f16)
+    return QuantizedExport(out, modelfile, out.stat().st_size, f16_bytes, keep_f16, tensor_types(out))
