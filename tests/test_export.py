@@ -688,6 +688,7 @@ def test_quantised_gguf_is_made_from_the_f16_export_which_goes_unless_kept(
 
     monkeypatch.setattr(gguf_quantize, "require_llama_cpp", lambda dtype: None)
     monkeypatch.setattr(gguf_quantize, "quantize", stand_in)
+    monkeypatch.setattr(gguf_quantize, "tensor_types", lambda path: {"Q4_K": 14, "F32": 5})
     args = ["export", str(run), "--format", "gguf", "--dtype", "q4_k_m"] + (["--keep-f16"] if keep else [])
     assert cli_main(args) == 0
     out = capsys.readouterr().out
@@ -695,6 +696,7 @@ def test_quantised_gguf_is_made_from_the_f16_export_which_goes_unless_kept(
     target = run / "model-q4_k_m.gguf"
     assert target.stat().st_size == reference.stat().st_size // 2
     assert "0.50 x the f16 GGUF's" in out and f"wrote {target}" in out
+    assert "tensor types: 14 Q4_K, 5 F32" in out
     assert "FROM ./model-q4_k_m.gguf" in (run / "model-q4_k_m.Modelfile").read_text()
     assert (run / "model-f16.gguf").exists() == keep and (f"wrote {run / 'model-f16.gguf'}" in out) == keep
     assert not list(run.glob(".*"))  # the f16 file made aside is gone
