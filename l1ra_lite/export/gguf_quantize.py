@@ -68,7 +68,8 @@ def quantize(src: Path, dst: Path, dtype: str) -> None:
         lines = log.read().decode(errors="replace").strip().splitlines()
     if status != 0:
         last = lines[-1] if lines else "no message"
-        raise RuntimeError(f"llama.cpp could not quantise {src} to {dtype} (status {status}): {last}")
+        # Most causes lie outside l1ra-lite (disk full, a folder not writable): one line.
+        raise UserError(f"llama.cpp could not quantise {src.name} to {dtype} (status {status}): {last}")
 
 
 @contextmanager
