@@ -254,3 +254,16 @@ def test_chat_template_in_the_gguf_renders_a_conversation_as_the_tokenizer_does(
     assert llama_cpp_chat(template, conversation) == expected
     stops = [line.split('"')[1] for line in modelfile.read_text().splitlines() if line.startswith("PARAMETER stop")]
     assert tokenizer.eos_token in stops  # generation ends where the chat template ends a turn
+
+
+def test_a_failed_quantisation_is_one_line_with_llama_cpps_reason(tmp_path):
+    from l1ra_lite.errors import UserError
+    from l1ra_lite.export.gguf_quantize import quantize
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(UserError) as caught:
+        quantize(broken, tmp_path / "out.gguf", "q4_0")
+    message = str(caught.value)
+    assert "could not quantise the f16 GGUF to q4_0" in message and "\n" not in message
+    assert not (tmp_path / "out.gguf").exists()

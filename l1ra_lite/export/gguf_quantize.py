@@ -69,7 +69,7 @@ def quantize(src: Path, dst: Path, dtype: str) -> None:
     if status != 0:
         last = lines[-1] if lines else "no message"
         # Most causes lie outside l1ra-lite (disk full, a folder not writable): one line.
-        raise UserError(f"llama.cpp could not quantise {src.name} to {dtype} (status {status}): {last}")
+        raise UserError(f"llama.cpp could not quantise the f16 GGUF to {dtype} (status {status}): {last}")
 
 
 @contextmanager
