@@ -561,6 +561,98 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
     assert "[INST] {{ .Content }}[/INST]" in modelfile.read_text()
 
 
+# ---------------------------------------------------------------- Ollama's Modelfile
+
+
+def render_go_template(template: str, messages: list[dict[str, str]]) -> str:
+    """What Ollama renders from the Go templates modelfile.py writes: the part of
+    text/template they use (range .Messages, .Role, .Content, if / else if eq .Role "x",
+    end, and the {{- / -}} whitespace trims)."""
+    import re
+
+    pieces = re.split(r"({{-?\s*.*?\s*-?}})", template)
+    for i, piece in enumerate(pieces):  # the trims eat the whitespace next to an action
+        if piece.startswith("{{-") and i > 0:
+            pieces[i - 1] = pieces[i - 1].rstrip()
+        if piece.endswith("-}}") and i + 1 < len(pieces):
+            pieces[i + 1] = pieces[i + 1].lstrip()
+    tokens = [p if not p.startswith("{{") else ("action", p.strip("{}-").strip()) for p in pieces]
+
+    def block(pos, message):
+        """Render from `pos` up to its `end` / `else`; returns (text, position of the stopper)."""
+        out = ""
+        while pos < len(tokens):
+            token = tokens[pos]
+            if isinstance(token, str):
+                out += token
+            elif token[1] in ("end",) or token[1].startswith("else"):
+                return out, pos
+            elif token[1] == "range .Messages":
+                for m in messages:
+                    text, stop = block(pos + 1, m)
+                    out += text
+                pos = stop
+            elif token[1].startswith("if "):
+                taken, stop = False, pos
+                condition = token[1][3:]
+                while True:
+                    role = re.fullmatch(r'eq \.Role "(\w+)"', condition).group(1)
+                    text, stop = block(stop + 1, message)
+                    if not taken and message["role"] == role:
+                        out, taken = out + text, True
+                    if tokens[stop][1] == "end":
+                        break
+                    condition = tokens[stop][1].removeprefix("else if ")
+                pos = stop
+            else:
+                out += message[{".Role": "role", ".Content": "content"}[token[1]]]
+            pos += 1
+        return out, pos
+
+    return block(0, None)[0]
+
+
+def ollama_prompt(modelfile: str, messages: list[dict[str, str]]) -> str:
+    """The prompt Ollama builds: its SYSTEM first when the request has no system message."""
+    import re
+
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system.group(1)}] + messages
+    return render_go_template(template, messages)
+
+
+@pytest.mark.parametrize("template", ["smollm2", "chatml"])
+def test_modelfile_prompts_what_the_tokenizers_chat_template_does(template):
+    """Ollama, given the Modelfile, writes every conversation exactly as the model's chat
+    template does, also the default system message SmolLM2's template adds."""
+    from l1ra_lite.export.modelfile import default_system_message, modelfile_text
+    from tests.tiny import SMOLLM2_TEMPLATE
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = {"smollm2": SMOLLM2_TEMPLATE, "chatml": CHATML}[template]
+
+    def render(messages, prompt=False):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+
+    system = default_system_message(render)
+    text = modelfile_text("m.gguf", tokenizer.chat_template, tokenizer.eos_token, system)
+    assert (system is not None) == (template == "smollm2")
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke."},
+        ],
+    ]
+    for conversation in conversations:
+        assert ollama_prompt(text, conversation) == render(conversation, prompt=True)
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
 # ---------------------------------------------------------------- CLI and bad input
 
 
