@@ -219,3 +219,24 @@ def test_finetune_report_to_tensorboard_from_the_command_line(workdir, capsys):
     assert main(args + ["--plain", "--report-to", "tensorboard"]) == 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert f"TensorBoard curves in {out / 'tensorboard'}" in capsys.readouterr().err
+
+
+def test_a_tracker_that_fails_is_dropped_and_training_goes_on(tmp_path, capsys):
+    from l1ra_lite.reporting import Trackers
+
+    class Broken:
+        def write(self, point):
+            raise OSError("disk full")
+
+    class Kept:
+        points = []
+
+        def write(self, point):
+            self.points.append(point.step)
+
+    trackers = Trackers([], tmp_path)
+    trackers.sinks = [Broken(), Kept()]
+    for step in (1, 2):
+        trackers(Evaluated(step, 1.0, math.e))
+    assert Kept.points == [1, 2] and len(trackers.sinks) == 1
+    assert "Broken stopped (disk full); training goes on" in capsys.readouterr().err

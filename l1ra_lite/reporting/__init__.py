@@ -63,11 +63,15 @@ class Trackers:
         if isinstance(event, RunStarted):
             self._start(event.start_step)
         point = point_of(event)
-        for sink in self.sinks:
-            if point is not None:
-                sink.write(point)
-            if isinstance(event, CheckpointSaved):
-                sink.flush()  # the curves on disk reach at least as far as the checkpoint
+        for sink in list(self.sinks):
+            try:
+                if point is not None:
+                    sink.write(point)
+                if isinstance(event, CheckpointSaved):
+                    sink.flush()  # the curves on disk reach at least as far as the checkpoint
+            except Exception as err:  # a tracker that fails must not cost the training run
+                self.sinks.remove(sink)
+                print(f"l1ra-lite: {type(sink).__name__} stopped ({err}); training goes on", file=sys.stderr)
 
     def _start(self, start_step: int) -> None:
         try:
