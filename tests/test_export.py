@@ -32,13 +32,24 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2 style, with merges) and ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(qwen: bool = False):
+    """A byte-level BPE tokenizer (GPT-2 style, with merges) and ChatML special tokens;
+    with `qwen`, split before BPE as Qwen2's is (its regex, NFC, no BOS)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from l1ra_lite.export.gguf_vocab import QWEN2_PATTERN
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
@@ -47,9 +58,9 @@ def build_tokenizer():
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|im_start|>",
+        bos_token=None if qwen else "<|im_start|>",
         eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
+        pad_token="<|endoftext|>" if qwen else "<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
@@ -67,9 +78,18 @@ def make_run(
 ) -> Path:
     """A finished run folder: base/ (16-bit), run/config.json, run/adapter/ (standard peft LoRA)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(qwen=model_type.startswith("qwen"))
     common = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -87,6 +107,16 @@ def make_run(
     torch.manual_seed(0)
     if model_type == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        for name, param in model.named_parameters():  # q/k/v biases that move the logits
+            if name.endswith("proj.bias"):
+                param.data = torch.randn(param.shape) * 0.5
+    elif model_type == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+        for name, param in model.named_parameters():  # per-head q/k norms that are not all 1
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.data = 1 + torch.rand(param.shape)
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     base = root / "base"
@@ -462,6 +492,40 @@ def test_gguf_llama3_rope_scaling_writes_rope_freqs(tmp_path):
     assert llama3_rope_factors(LlamaConfig(hidden_size=64, num_attention_heads=4)) is None
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_gguf_model_of_qwen_reads_back_as_the_merged_weights(tmp_path, model_type):
+    """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms): llama.cpp's names, rows as
+    transformers has them (no q/k permutation), Qwen2's pre-tokenizer."""
+    from safetensors import safe_open
+
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.export.hf import export_hf
+    from l1ra_lite.finished_run import read_run
+
+    run = read_run(make_run(tmp_path, model_type=model_type))
+    merged_dir = export_hf(run, tmp_path / "hf", dtype="f32")
+    path, _ = export_gguf(run, tmp_path / "model-f32.gguf", dtype="f32")
+    weights, fields = _gguf_weights(path)
+    extra = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight"}[model_type]
+    assert extra in weights and "blk.1.attn_k.weight" in weights and "output.weight" in weights
+    with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
+        assert len(weights) == len(list(f.keys()))
+        layout = read_layout(merged_dir, model_type)
+        for hf_name in f.keys():
+            assert np.array_equal(weights[layout.tensor_name(hf_name)], f.get_tensor(hf_name).numpy()), hf_name
+    assert fields["general.architecture"].contents() == model_type
+    assert fields[f"{model_type}.attention.head_count_kv"].contents() == 2
+    assert fields[f"{model_type}.attention.key_length"].contents() == 16
+    assert fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+
+
+def read_layout(folder: Path, model_type: str):
+    from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, layout_for
+
+    return layout_for(json.loads((folder / "config.json").read_text()), model_type, GGUF_MODEL_ARCHS)
+
+
 def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
     """A byte-fallback BPE tokenizer (Mistral / Llama 2 style) is written as tokenizer model 'llama'."""
     from tokenizers import Tokenizer, decoders, models, normalizers
@@ -497,6 +561,98 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
     assert "[INST] {{ .Content }}[/INST]" in modelfile.read_text()
 
 
+# ---------------------------------------------------------------- Ollama's Modelfile
+
+
+def render_go_template(template: str, messages: list[dict[str, str]]) -> str:
+    """What Ollama renders from the Go templates modelfile.py writes: the part of
+    text/template they use (range .Messages, .Role, .Content, if / else if eq .Role "x",
+    end, and the {{- / -}} whitespace trims)."""
+    import re
+
+    pieces = re.split(r"({{-?\s*.*?\s*-?}})", template)
+    for i, piece in enumerate(pieces):  # the trims eat the whitespace next to an action
+        if piece.startswith("{{-") and i > 0:
+            pieces[i - 1] = pieces[i - 1].rstrip()
+        if piece.endswith("-}}") and i + 1 < len(pieces):
+            pieces[i + 1] = pieces[i + 1].lstrip()
+    tokens = [p if not p.startswith("{{") else ("action", p.strip("{}-").strip()) for p in pieces]
+
+    def block(pos, message):
+        """Render from `pos` up to its `end` / `else`; returns (text, position of the stopper)."""
+        out = ""
+        while pos < len(tokens):
+            token = tokens[pos]
+            if isinstance(token, str):
+                out += token
+            elif token[1] in ("end",) or token[1].startswith("else"):
+                return out, pos
+            elif token[1] == "range .Messages":
+                for m in messages:
+                    text, stop = block(pos + 1, m)
+                    out += text
+                pos = stop
+            elif token[1].startswith("if "):
+                taken, stop = False, pos
+                condition = token[1][3:]
+                while True:
+                    role = re.fullmatch(r'eq \.Role "(\w+)"', condition).group(1)
+                    text, stop = block(stop + 1, message)
+                    if not taken and message["role"] == role:
+                        out, taken = out + text, True
+                    if tokens[stop][1] == "end":
+                        break
+                    condition = tokens[stop][1].removeprefix("else if ")
+                pos = stop
+            else:
+                out += message[{".Role": "role", ".Content": "content"}[token[1]]]
+            pos += 1
+        return out, pos
+
+    return block(0, None)[0]
+
+
+def ollama_prompt(modelfile: str, messages: list[dict[str, str]]) -> str:
+    """The prompt Ollama builds: its SYSTEM first when the request has no system message."""
+    import re
+
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system.group(1)}] + messages
+    return render_go_template(template, messages)
+
+
+@pytest.mark.parametrize("template", ["smollm2", "chatml"])
+def test_modelfile_prompts_what_the_tokenizers_chat_template_does(template):
+    """Ollama, given the Modelfile, writes every conversation exactly as the model's chat
+    template does, also the default system message SmolLM2's template adds."""
+    from l1ra_lite.export.modelfile import default_system_message, modelfile_text
+    from tests.tiny import SMOLLM2_TEMPLATE
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = {"smollm2": SMOLLM2_TEMPLATE, "chatml": CHATML}[template]
+
+    def render(messages, prompt=False):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+
+    system = default_system_message(render)
+    text = modelfile_text("m.gguf", tokenizer.chat_template, tokenizer.eos_token, system)
+    assert (system is not None) == (template == "smollm2")
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke."},
+        ],
+    ]
+    for conversation in conversations:
+        assert ollama_prompt(text, conversation) == render(conversation, prompt=True)
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
 # ---------------------------------------------------------------- CLI and bad input
 
 
@@ -522,6 +678,21 @@ def test_cli_export_hf_default_folder(run_none):
     assert cli_main(["export", str(run_none), "--format", "hf"]) == 0
     config = json.loads((run_none / "export-hf" / "config.json").read_text())
     assert config["dtype"] == "float16"
+
+
+def test_merge_alias_writes_what_export_format_hf_writes(run_none, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    by_export, by_merge = tmp_path / "export", tmp_path / "merge"
+    assert cli_main(["export", str(run_none), "--format", "hf", "--dtype", "f32", "--out", str(by_export)]) == 0
+    assert cli_main(["merge", str(run_none), "--dtype", "f32", "--out", str(by_merge)]) == 0
+    assert sorted(p.name for p in by_merge.iterdir()) == sorted(p.name for p in by_export.iterdir())
+    a, b = load_file(str(by_export / "model.safetensors")), load_file(str(by_merge / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert cli_main(["merge", str(run_none), "--dtype", "f32", "--out", str(by_merge)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("l1ra-lite merge: error:") and "--overwrite" in err[0]
 
 
 def test_cli_gguf_default_name_and_modelfile(run_none):
@@ -556,6 +727,71 @@ def test_cli_dequantized_merge_needs_nf4_run(run_none, tmp_path, capsys):
     assert cli_main(["export", str(run_none), "--format", "hf", "--merge-into", "dequantized", "--out", str(out)]) == 2
     assert "quant=none" in capsys.readouterr().err
     assert not out.exists()
+
+
+def hide_llama_cpp(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+
+
+def copied_run(run_none, tmp_path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_none, run, ignore=shutil.ignore_patterns("export-hf", "*.gguf", "*.Modelfile"))
+    return run
+
+
+def test_quantised_gguf_without_llama_cpp_says_what_to_install(run_none, tmp_path, monkeypatch, capsys):
+    hide_llama_cpp(monkeypatch)
+    run = copied_run(run_none, tmp_path)
+    assert cli_main(["export", str(run), "--format", "gguf", "--dtype", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'l1ra-lite[gguf]'" in err[0] and "make install-gguf" in err[0]
+    assert not list(run.glob("*.gguf")) and not list(run.glob(".*"))
+
+
+def test_keep_f16_goes_only_with_a_llama_cpp_type(run_none, capsys):
+    assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q8_0", "--keep-f16"]) == 2
+    assert "--keep-f16 goes with --format gguf --dtype q4_k_m|" in capsys.readouterr().err
+    assert cli_main(["export", str(run_none), "--format", "gguf", "--dtype", "q3_k"]) == 2
+    assert "q4_k_m, q5_k_m, q6_k, q4_0, q5_0 (got 'q3_k')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_quantised_gguf_is_made_from_the_f16_export_which_goes_unless_kept(
+    run_none, tmp_path, monkeypatch, capsys, keep
+):
+    """The steps around llama.cpp's quantiser (here a stand-in that halves the file): the
+    f16 GGUF it reads is the `--dtype f16` export, kept only with --keep-f16; sizes reported."""
+    from l1ra_lite.export import gguf_quantize
+    from l1ra_lite.export.gguf_model import export_gguf
+    from l1ra_lite.finished_run import read_run
+
+    run = copied_run(run_none, tmp_path)
+    reference, _ = export_gguf(read_run(run), tmp_path / "reference.gguf")
+    seen = {}
+
+    def stand_in(src, dst, dtype):
+        seen.update(src=src, dtype=dtype, data=src.read_bytes())
+        dst.write_bytes(seen["data"][: len(seen["data"]) // 2])
+
+    monkeypatch.setattr(gguf_quantize, "require_llama_cpp", lambda dtype: None)
+    monkeypatch.setattr(gguf_quantize, "quantize", stand_in)
+    monkeypatch.setattr(gguf_quantize, "tensor_types", lambda path: {"Q4_K": 14, "F32": 5})
+    args = ["export", str(run), "--format", "gguf", "--dtype", "q4_k_m"] + (["--keep-f16"] if keep else [])
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert seen["dtype"] == "q4_k_m" and seen["data"] == reference.read_bytes()
+    target = run / "model-q4_k_m.gguf"
+    assert target.stat().st_size == reference.stat().st_size // 2
+    assert "0.50 x the f16 GGUF's" in out and f"wrote {target}" in out
+    assert "tensor types: 14 Q4_K, 5 F32" in out
+    assert "FROM ./model-q4_k_m.gguf" in (run / "model-q4_k_m.Modelfile").read_text()
+    assert (run / "model-f16.gguf").exists() == keep and (f"wrote {run / 'model-f16.gguf'}" in out) == keep
+    assert not list(run.glob(".*"))  # the f16 file made aside is gone
 
 
 def test_failed_export_leaves_existing_target_untouched(run_none, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from test_export import make_run
 
 from l1ra_lite.cli import main as cli_main
+from l1ra_lite.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,48 @@ def test_cli_generate_prints_the_greedy_answer(run_dir, loaded, capsys):
 def test_cli_generate_not_a_run(tmp_path, capsys):
     assert cli_main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_system_message_comes_first_in_the_templated_prompt(loaded):
+    from l1ra_lite.generate import check_system_message, generate_reply
+
+    model, tokenizer = loaded
+    opening = [{"role": "system", "content": "You answer in French."}]
+    check_system_message(tokenizer, opening)
+    reply = generate_reply(model, tokenizer, opening + [{"role": "user", "content": "hello"}], 2, 0)
+    templated = "<|im_start|>system\nYou answer in French.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+    assert reply.prompt_ids == tokenizer(templated + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+
+def test_system_message_a_template_refuses_or_drops_is_one_line(loaded):
+    import copy
+
+    from l1ra_lite.generate import check_system_message
+
+    _, tokenizer = loaded
+    opening = [{"role": "system", "content": "Be brief."}]
+    refusing = copy.copy(tokenizer)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(UserError, match="refuses a system message.*System role not supported"):
+        check_system_message(refusing, opening)
+    dropping = copy.copy(tokenizer)
+    dropping.chat_template = "{% for m in messages if m['role'] != 'system' %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(UserError, match="leaves system messages out"):
+        check_system_message(dropping, opening)
+
+
+def test_chat_alias_is_generate_without_a_prompt_and_keeps_the_system_message(run_dir, loaded, monkeypatch, capsys):
+    from l1ra_lite.generate import generate_reply
+
+    model, tokenizer = loaded
+    system = [{"role": "system", "content": "Be brief."}]
+    expected = generate_reply(model, tokenizer, system + [{"role": "user", "content": "the quick fox"}], 4, 0).text
+    monkeypatch.setattr("sys.stdin", io.StringIO("the quick fox\n\n"))
+    args = [str(run_dir), "--system", "Be brief.", "--max-new-tokens", "4", "--temperature", "0"]
+    assert cli_main(["chat", *args]) == 0
+    assert f"model> {expected}\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # chat has no --prompt: that is what generate is for
+        cli_main(["chat", str(run_dir), "--prompt", "hi"])

@@ -283,3 +283,46 @@ def test_cli_bad_folder_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
 
 def test_inspect_is_registered():
     assert "inspect" in cli.COMMANDS
+
+
+def write_metrics(folder) -> None:
+    """metrics.jsonl as the loop writes it: 50 steps, eval every 25, one skipped (NaN) step,
+    and a last line cut short by a kill."""
+    lines = []
+    for step in range(1, 51):
+        entry = {"step": step, "loss": float("nan") if step == 7 else 3.0 - step / 50, "lr": 1e-4}
+        if step % 25 == 0:
+            entry.update(eval_loss=2.9 - step / 100, eval_ppl=1.0)
+        lines.append(json.dumps(entry))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 51, "lo')
+
+
+def test_loss_curves_come_from_metrics_without_skipped_steps_or_broken_lines(tmp_path):
+    from l1ra_lite.ui.inspect import read_loss_curves
+
+    write_run(tmp_path / "run")
+    write_metrics(tmp_path / "run")
+    curves = read_loss_curves(tmp_path / "run")
+    assert [s for s, _ in curves.train] == [s for s in range(1, 51) if s != 7]
+    assert curves.train[0] == (1, pytest.approx(2.98)) and curves.eval == [(25, 2.65), (50, 2.4)]
+    assert not read_loss_curves(tmp_path / "nowhere")  # a bare adapter folder: no curves, no error
+
+
+def test_png_of_a_run_adds_the_loss_and_eval_curves_with_the_reallocations_marked(tmp_path, monkeypatch, capsys):
+    from l1ra_lite.ui.inspect import figure, read_loss_curves
+
+    write_run(tmp_path / "run")
+    write_metrics(tmp_path / "run")
+    summary, curves = summarize(tmp_path / "run"), read_loss_curves(tmp_path / "run")
+    loss_ax = figure(summary, curves).axes[2]
+    assert loss_ax.get_title() == "loss over time"
+    train, evals, *marks = loss_ax.get_lines()
+    assert list(train.get_xdata()) == [s for s, _ in curves.train] and list(evals.get_ydata()) == [2.65, 2.4]
+    assert [m.get_xdata()[0] for m in marks] == [20, 40]  # the two reallocations
+    titles = [ax.get_title() for ax in figure(summary).axes]
+    assert "loss over time" not in titles and "rank per module type over time" in titles  # no metrics, no curves
+
+    png = tmp_path / "run.png"
+    code, _, _ = run_cli(monkeypatch, capsys, tmp_path / "run", "--png", png)
+    height = int.from_bytes(png.read_bytes()[20:24], "big")  # the PNG header's IHDR height
+    assert code == 0 and height == 1125  # three rows of 3.75 inches at 100 dpi

@@ -21,7 +21,9 @@ COMMANDS = [
     "finetune",
     "inspect",
     "export",
+    "merge",  # = export --format hf
     "generate",
+    "chat",  # = generate without --prompt
     "estimate",
     "recipes",
 ]

@@ -14,16 +14,25 @@ DEFAULT_DTYPES = {"hf": "f16", "gguf-lora": "f32", "gguf": "f16"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with adapter/)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="target path (default: inside the run folder: export-hf/, adapter.gguf, model-<dtype>.gguf)",
+    add_target_arguments(
+        parser,
+        out_help="target path (default: inside the run folder: export-hf/, adapter.gguf, model-<dtype>.gguf)",
+        dtype_help="hf: f32|f16|bf16 (default f16); gguf: f32|f16|bf16|q8_0 (default f16), or "
+        "q4_k_m|q5_k_m|q6_k|q4_0|q5_0 through llama.cpp's quantiser (needs pip install 'l1ra-lite[gguf]'); "
+        "gguf-lora: f32|f16 (default f32)",
     )
     parser.add_argument(
-        "--dtype",
-        default=None,
-        help="hf: f32|f16|bf16 (default f16); gguf: f32|f16|bf16|q8_0 (default f16); gguf-lora: f32|f16 (default f32)",
+        "--keep-f16",
+        action="store_true",
+        help="with a llama.cpp-quantised --dtype: also keep the f16 GGUF it is made from "
+        "(model-f16.gguf, or <--out name>-f16.gguf)",
     )
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, out_help: str, dtype_help: str) -> None:
+    """The options `export` and its alias `merge` share."""
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--dtype", default=None, help=dtype_help)
     parser.add_argument(
         "--merge-into",
         default=None,
@@ -44,9 +53,16 @@ def default_out(run_dir: Path, fmt: str, dtype: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from l1ra_lite.errors import UserError
+    from l1ra_lite.export.gguf_quantize import LLAMA_CPP_DTYPES, require_llama_cpp
     from l1ra_lite.finished_run import read_run
 
     dtype = args.dtype or DEFAULT_DTYPES[args.format]
+    quantized = args.format == "gguf" and dtype in LLAMA_CPP_DTYPES
+    keep_f16 = args.keep_f16
+    if keep_f16 and not quantized:
+        raise UserError(f"--keep-f16 goes with --format gguf --dtype {'|'.join(LLAMA_CPP_DTYPES)}")
+    if quantized:
+        require_llama_cpp(dtype)  # before reading anything
     run_info = read_run(args.run_dir)
     out = Path(args.out) if args.out else default_out(run_info.run_dir, args.format, dtype)
     if args.format == "gguf-lora" and args.merge_into is not None:
@@ -61,12 +77,27 @@ def run(args: argparse.Namespace) -> int:
 
         export_gguf_lora(run_info, out, dtype=dtype, overwrite=args.overwrite)
         print(f"wrote {out}  (llama-cli -m <base model>.gguf --lora {out})")
+    elif quantized:
+        from l1ra_lite.export.gguf_quantize import export_quantized_gguf, f16_path_for
+
+        f16 = f16_path_for(out, default_name=not args.out) if keep_f16 else None
+        done = export_quantized_gguf(run_info, out, dtype, args.merge_into, args.overwrite, keep_f16=f16)
+        size = f"{mib(done.bytes)}, {done.bytes / done.f16_bytes:.2f} x the f16 GGUF's {mib(done.f16_bytes)}"
+        print(f"wrote {done.path}  ({size}; llama-cli -m {done.path})")
+        print("  tensor types: " + ", ".join(f"{n} {name}" for name, n in done.types.items()))
+        if done.f16_path:
+            print(f"wrote {done.f16_path}  (the f16 GGUF it was quantised from)")
+        print(f"wrote {done.modelfile}  (ollama create my-model -f {done.modelfile})")
     else:
         from l1ra_lite.export.gguf_model import export_gguf
 
         gguf_path, modelfile = export_gguf(
             run_info, out, dtype=dtype, merge_into=args.merge_into, overwrite=args.overwrite
         )
-        print(f"wrote {gguf_path}  (llama-cli -m {gguf_path})")
+        print(f"wrote {gguf_path}  ({mib(gguf_path.stat().st_size)}; llama-cli -m {gguf_path})")
         print(f"wrote {modelfile}  (ollama create my-model -f {modelfile})")
     return 0
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

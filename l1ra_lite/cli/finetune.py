@@ -29,8 +29,20 @@ CHANGEABLE_ON_RESUME = (
     "grad_accum",
     "num_proc",
     "data_cache",
+    "report_to",
 )
-RUN_ARTEFACTS = ("config.json", "ranks.json", "metrics.jsonl", "adapter", "latest", "gates")
+# What --overwrite removes; the last three are the trackers' (l1ra_lite.reporting.RUN_FOLDER_ENTRIES).
+RUN_ARTEFACTS = (
+    "config.json",
+    "ranks.json",
+    "metrics.jsonl",
+    "adapter",
+    "latest",
+    "gates",
+    "tensorboard",
+    "wandb",
+    "wandb-run.json",
+)
 DEFAULT_PROCESS_TIMEOUT_S = 600  # l1ra_lite.train.distributed.DEFAULT_TIMEOUT_S, without importing torch for --help
 
 
@@ -163,6 +175,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--keep-checkpoints", "keep the newest N checkpoints", type=int)
     opt("--log-every", "write a metrics line every N steps", type=int)
     flag("--plain", "plain log lines instead of the live dashboard")
+    opt(
+        "--report-to",
+        "also send the training curves to TensorBoard (event files in RUN_DIR/tensorboard), W&B "
+        "(offline in RUN_DIR/wandb when the server cannot be reached; WANDB_MODE is respected), or all",
+        choices=CHOICES["report_to"],
+    )
     group.add_argument("--resume", metavar="RUN_DIR", help="continue that run, in place, from its latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh in an existing output folder")
 
@@ -316,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_in_process(args: argparse.Namespace) -> int:
     from l1ra_lite.config import build_config
+    from l1ra_lite.reporting import check_installed, fan_out, open_trackers
     from l1ra_lite.train import distributed
 
     overrides = overrides_from(args)
@@ -325,8 +344,10 @@ def run_in_process(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own settings: drop --overwrite / --recipe")
         run_dir = Path(args.resume)
         config = resumed_config(run_dir, overrides, processes)
+        check_installed(config.report_to)  # before minutes of loading, not after
     else:
         config = build_config(args.recipe, overrides)
+        check_installed(config.report_to)
         # The writer prepares the folder; the others take its name (it holds the time).
         run_dir = Path(distributed.from_writer(lambda: str(prepare_output(config, args.overwrite))))
 
@@ -354,8 +375,9 @@ def run_in_process(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()  # one loading bar, process 0's
     stop = StopOnSignal(announce=writer)
     try:
-        with stop, open_display(config.plain) if writer else quiet() as report:
-            adapter_dir = train(config, run_dir, report, resume=bool(args.resume), should_stop=stop)
+        trackers = config.report_to if writer else "none"  # one writer of the curves too
+        with stop, open_display(config.plain) if writer else quiet() as show, open_trackers(trackers, run_dir) as track:
+            adapter_dir = train(config, run_dir, fan_out(show, track), resume=bool(args.resume), should_stop=stop)
     except Interrupted as err:
         if writer:
             print(

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--png",
         metavar="FILE",
-        help="also write the heat map and rank-over-time plot as a PNG "
+        help="also write the heat map, the rank-over-time plot and the loss / eval loss curves as a PNG "
         "(needs matplotlib: pip install 'l1ra-lite[plot]'); never overwrites FILE",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
@@ -23,11 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from l1ra_lite.ui.inspect import render_summary, summarize, write_png
+    from l1ra_lite.ui.inspect import read_loss_curves, render_summary, summarize, write_png
 
     summary = summarize(args.run_dir)
     if args.png:
-        write_png(summary, args.png)
+        write_png(summary, args.png, read_loss_curves(args.run_dir))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

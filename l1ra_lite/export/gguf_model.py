@@ -1,4 +1,5 @@
-"""`--format gguf`: the whole merged model as one GGUF file, for llama and mistral.
+"""`--format gguf`: the whole merged model as one GGUF file, for llama and mistral
+(the llama.cpp-quantised types go through l1ra_lite.export.gguf_quantize).
 
 Written in one pass without holding the model: the tensor list (names, shapes,
 types) is known from the safetensors headers, so the GGUF header and tensor index are
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from l1ra_lite.errors import UserError
+from l1ra_lite.export.gguf_quantize import LLAMA_CPP_DTYPES
 from l1ra_lite.export.gguf_vocab import add_vocab
 from l1ra_lite.export.llama_gguf import GGUF_MODEL_ARCHS, DecoderLayout, layout_for
 from l1ra_lite.export.lora import read_adapter
@@ -44,17 +46,36 @@ def export_gguf(
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write the merged model to `out` (.gguf) and an Ollama Modelfile next to it; return both."""
+    modelfile = modelfile_path(out)
+    check_target(modelfile, overwrite)  # before minutes of writing, not after
+    write_gguf(run, out, dtype, merge_into, overwrite)
+    write_modelfile(modelfile, out.name, run.tokenizer_dir, overwrite)
+    return out, modelfile
+
+
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.parent / f"{gguf_path.stem}.Modelfile"
+
+
+def write_gguf(
+    run: RunInfo,
+    out: Path,
+    dtype: str = "f16",
+    merge_into: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """The merged model as one GGUF file of a type the gguf package writes (GGUF_DTYPES)."""
     import gguf
     from transformers import AutoConfig
 
     if dtype not in GGUF_DTYPES:
-        raise UserError(f"--dtype for --format gguf must be one of {', '.join(GGUF_DTYPES)} (got {dtype!r})")
+        raise UserError(
+            f"--dtype for --format gguf must be one of {', '.join(GGUF_DTYPES + LLAMA_CPP_DTYPES)} (got {dtype!r})"
+        )
     base_config = json.loads((run.base_dir / "config.json").read_text(encoding="utf-8"))
     layout = layout_for(base_config, run.model_type, GGUF_MODEL_ARCHS)
     config = AutoConfig.from_pretrained(run.base_dir, trust_remote_code=run.trust_remote_code)
-    modelfile = out.parent / f"{out.stem}.Modelfile"
     check_target(out, overwrite)
-    check_target(modelfile, overwrite)
     plan = make_plan(run, read_adapter(run.adapter_dir), resolve_merge_into(merge_into, run.quant))
     rope_factors = llama3_rope_factors(config)
     tensors = tensor_list(plan, layout, dtype, rope_factors)
@@ -72,8 +93,7 @@ def export_gguf(
         writer.write_ti_data_to_file()
         write_data(writer, plan, layout, tensors, rope_factors)
         writer.close()
-    write_modelfile(modelfile, out.name, run.tokenizer_dir, overwrite)
-    return out, modelfile
+    return out
 
 
 def add_hyperparameters(writer, config, dtype: str) -> None:

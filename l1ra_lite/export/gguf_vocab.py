@@ -1,7 +1,7 @@
 """The tokenizer of a GGUF model file (`tokenizer.ggml.*` and the chat template).
 
 Two kinds of tokenizer.json are written:
-- byte-level BPE (GPT-2 style: SmolLM2, Llama 3): tokenizer model "gpt2", with merges
+- byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen2): tokenizer model "gpt2", with merges
   and the pre-tokenizer name llama.cpp uses to split text before BPE;
 - BPE with byte fallback (SentencePiece-like: Mistral, Llama 2): tokenizer model
   "llama", read with gguf's LlamaHfVocab.
@@ -20,6 +20,11 @@ from l1ra_lite.errors import UserError
 # The pre-tokenizer regex of Llama 3's tokenizer.json ("llama-bpe" in llama.cpp).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2's (and Qwen2.5's, Qwen3's): single digits ("qwen2" in llama.cpp).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 CONVERTER_HINT = "use --format hf and llama.cpp's convert_hf_to_gguf.py"
@@ -60,12 +65,11 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if (
-        kinds == ["Split", "ByteLevel"]
-        and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_PATTERN
-        and not steps[1].get("use_regex", True)
-    ):
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        named = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        if pattern in named:
+            return named[pattern]
     raise UserError(f"unknown pre-tokenizer {json.dumps(pre)[:120]}; {CONVERTER_HINT}")
 
 

@@ -1,9 +1,9 @@
-"""What llama.cpp expects from a decoder in GGUF (llama, mistral, qwen2): names and the q/k layout.
+"""What llama.cpp expects from a decoder in GGUF (llama, mistral, qwen2, qwen3): names and the q/k layout.
 
 For its llama architecture, llama.cpp applies rotary embeddings to interleaved pairs of
 each head's dimensions, transformers to its two halves; so the rows of q_proj (and
 k_proj, with the number of key/value heads) are reordered within each head when written
-to GGUF, exactly as llama.cpp's convert_hf_to_gguf.py does for llama (qwen2 keeps them).
+to GGUF, exactly as llama.cpp's convert_hf_to_gguf.py does for llama (qwen2 and qwen3 keep them).
 A LoRA's B is reordered the same way: P(W + s B A) = P W + s (P B) A.
 """
 
@@ -16,8 +16,15 @@ import numpy as np
 from l1ra_lite.errors import UserError
 
 # transformers model_type -> (llama.cpp architecture name, whether q/k rows are permuted)
-GGUF_LORA_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-GGUF_MODEL_ARCHS = ("llama", "mistral")
+GGUF_LORA_ARCHS = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
+# Whole-model GGUF: the same decoder with llama.cpp's names; qwen2 adds q/k/v biases, qwen3
+# per-head q/k norms (attn_q_norm / attn_k_norm): gguf's tensor map names both.
+GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass

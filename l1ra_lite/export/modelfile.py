@@ -4,12 +4,17 @@ Ollama templates are Go templates, not Jinja, so the chat template is translated
 family: ChatML (SmolLM2, Qwen), Llama 3 and Mistral [INST] are recognised from their
 marker tokens. For anything else the Modelfile has no TEMPLATE line and Ollama falls
 back on the Jinja template stored in the GGUF file (tokenizer.chat_template).
+
+Some Jinja templates put a default system message before a conversation that has none
+(SmolLM2's, Qwen2.5's). A Go template cannot see that, so the Modelfile carries it as
+SYSTEM, which Ollama puts first when a request brings no system message of its own:
+the model then sees the conversation as it did in training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from l1ra_lite.export.output import atomic_path
 
@@ -42,7 +47,32 @@ def template_family(chat_template: Optional[str]) -> Optional[str]:
     return None
 
 
-def modelfile_text(gguf_file_name: str, chat_template: Optional[str], eos_token: Optional[str]) -> str:
+SENTINEL = "\u2063l1ra-lite-system\u2063"  # text no template writes by itself
+
+
+def default_system_message(render: Callable[[list[dict[str, str]]], str]) -> Optional[str]:
+    """The system message a chat template adds to a conversation without one, or None.
+    `render` is the template (messages -> text). Found by rendering a conversation with a
+    marker system message and one without: what stands in the marker's place is the default."""
+    question = [{"role": "user", "content": "hi"}]
+    try:
+        without = render(question)
+        before, _, after = render([{"role": "system", "content": SENTINEL}] + question).partition(SENTINEL)
+    except Exception:  # a template that refuses system messages has no default one either
+        return None
+    fits = len(before) + len(after) <= len(without)
+    if not after or not fits or not without.startswith(before) or not without.endswith(after):
+        return None
+    default = without[len(before) : len(without) - len(after)]
+    return default or None
+
+
+def modelfile_text(
+    gguf_file_name: str,
+    chat_template: Optional[str],
+    eos_token: Optional[str],
+    system: Optional[str] = None,
+) -> str:
     lines = [
         "# Ollama Modelfile written by `l1ra-lite export --format gguf`.",
         f"# Use: ollama create my-model -f {Path(gguf_file_name).stem}.Modelfile && ollama run my-model",
@@ -55,6 +85,8 @@ def modelfile_text(gguf_file_name: str, chat_template: Optional[str], eos_token:
     else:
         _, template, stops = FAMILIES[family]
         lines.append(f'TEMPLATE """{template}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"
 
@@ -64,6 +96,12 @@ def write_modelfile(path: Path, gguf_file_name: str, tokenizer_dir: Path, overwr
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    system = default_system_message(render) if chat_template else None
+    text = modelfile_text(gguf_file_name, chat_template, tokenizer.eos_token, system)
     with atomic_path(path, overwrite) as temp:
-        temp.write_text(modelfile_text(gguf_file_name, chat_template, tokenizer.eos_token), encoding="utf-8")
+        temp.write_text(text, encoding="utf-8")
     return path

@@ -40,6 +40,7 @@ from l1ra_lite.errors import UserError
 from l1ra_lite.events import (
     CheckpointSaved,
     Evaluated,
+    GatesSampled,
     MemoryStats,
     Reallocated,
     Reporter,
@@ -408,6 +409,7 @@ def maybe_reallocate(run: Run) -> Optional[float]:
         return None
     if run.config.log_gates and distributed.is_writer():
         run_folder.write_rank_snapshot(run.run_dir, step, run.method.rank_snapshot())
+    report_gates(run)
     started = time.perf_counter()
     event = run.method.reallocate(step)
     seconds = time.perf_counter() - started
@@ -420,6 +422,19 @@ def maybe_reallocate(run: Run) -> Optional[float]:
             )
         )
     return seconds
+
+
+def report_gates(run: Run) -> None:
+    """The gates as the reallocation rule is about to see them (and at the end of the
+    run), for the trackers' histograms. Read through rank_snapshot, the method hook
+    --log-gates uses, so that the loop still never asks which method it trains."""
+    gates = {
+        key.removesuffix(".gate"): tuple(values.tolist())
+        for key, values in run.method.rank_snapshot().items()
+        if key.endswith(".gate")
+    }
+    if gates:
+        run.report(GatesSampled(run.progress.step, gates))
 
 
 def metrics_line(
@@ -522,6 +537,8 @@ def fit(run: Run, should_stop: Callable[[], bool]) -> None:
                 if realloc_s is not None:
                     line["realloc_s"] = realloc_s
                 is_last = progress.step == schedule.total_steps
+                if is_last:
+                    report_gates(run)
                 if run.data.eval and (is_last or due(schedule.eval_every, progress.step)):
                     phase = "evaluation"
                     eval_loss = steps.evaluate(

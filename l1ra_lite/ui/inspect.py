@@ -4,14 +4,17 @@
 history of reallocations; format in docs/CONTRACTS.md) or, for a bare adapter folder,
 the rank of each module from the shapes of its `lora_A` tensors. The summary is a
 plain JSON-ready dict; `render_summary` draws it for the terminal and `write_png`
-draws the heat map and the rank-over-time plot with matplotlib (the `plot` extra).
+draws the heat map, the rank-over-time plot and, for a run folder, the loss and eval
+loss curves from its `metrics.jsonl` with matplotlib (the `plot` extra).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from rich.columns import Columns
 from rich.console import Group, RenderableType
@@ -26,6 +29,7 @@ from l1ra_lite.peft_adapter import ADAPTER_CONFIG, configured_rank, read_adapter
 from l1ra_lite.ui.rank_views import RankHeatMap, rank_by_layer, rank_by_type, type_label
 
 RANKS_FILE = "ranks.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,10 +258,60 @@ def history_table(summary: dict[str, Any]) -> Table:
 # Picture
 
 
-def write_png(summary: dict[str, Any], file) -> None:
-    """Heat map and rank per module type over time, as one PNG. Never overwrites a file."""
+@dataclass
+class LossCurves:
+    """(step, value) points of a run's training loss and eval loss, by step."""
+
+    train: list[tuple[int, float]] = field(default_factory=list)
+    eval: list[tuple[int, float]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.train or self.eval)
+
+
+def read_loss_curves(folder) -> LossCurves:
+    """The curves in `folder`/metrics.jsonl; empty for a folder without one (a bare
+    adapter). A line cut short by a kill, or a skipped step's NaN, is left out."""
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
     try:
-        from matplotlib.figure import Figure
+        lines = (Path(folder) / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return LossCurves()
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            step = int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        for key, into in (("loss", train), ("eval_loss", evals)):
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                into[step] = float(value)
+    return LossCurves(sorted(train.items()), sorted(evals.items()))
+
+
+def figure(summary: dict[str, Any], curves: Optional[LossCurves] = None):
+    """The matplotlib Figure of `write_png`: heat map, rank over time, and the loss
+    curves when there are any."""
+    from matplotlib.figure import Figure
+
+    rows = 3 if curves else 2
+    fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
+    axes = fig.subplots(rows, 1)
+    _plot_heat_map(fig, axes[0], summary)
+    _plot_history(axes[1], summary)
+    if curves:
+        _plot_losses(axes[2], curves, summary)
+    fig.suptitle(f"{summary['path']}: total rank {summary['total_rank']} / budget {summary['budget']}")
+    return fig
+
+
+def write_png(summary: dict[str, Any], file, curves: Optional[LossCurves] = None) -> None:
+    """Heat map, rank per module type over time and the loss curves, as one PNG. Never
+    overwrites a file."""
+    try:
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         raise UserError("--png needs matplotlib: pip install 'l1ra-lite[plot]'") from None
     target = Path(file)
@@ -266,11 +320,7 @@ def write_png(summary: dict[str, Any], file) -> None:
     if not target.parent.is_dir():
         raise UserError(f"cannot write {target}: folder {target.parent} does not exist")
 
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    heat_ax, time_ax = fig.subplots(2, 1, height_ratios=(1, 1))
-    _plot_heat_map(fig, heat_ax, summary)
-    _plot_history(time_ax, summary)
-    fig.suptitle(f"{summary['path']}: total rank {summary['total_rank']} / budget {summary['budget']}")
+    fig = figure(summary, curves)
     # "xb": fail rather than replace a file that appeared since the check above.
     try:
         with open(target, "xb") as out:
@@ -280,6 +330,24 @@ def write_png(summary: dict[str, Any], file) -> None:
     except BaseException:
         target.unlink(missing_ok=True)  # no half-written picture left behind
         raise
+
+
+def _plot_losses(ax, curves: LossCurves, summary: dict[str, Any]) -> None:
+    if curves.train:
+        steps, values = zip(*curves.train)
+        ax.plot(steps, values, linewidth=1, color="tab:blue", label="training loss")
+    if curves.eval:
+        steps, values = zip(*curves.eval)
+        ax.plot(steps, values, marker="o", markersize=4, color="tab:orange", label="eval loss")
+    # Where rank moved, so that a jump in the loss can be read against it.
+    moved = [h["step"] for h in summary["history"] if h["pruned"] or h["added"]]
+    for i, step in enumerate(moved):
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="rank moved" if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss over time")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.grid(True, alpha=0.3)
 
 
 def _plot_heat_map(fig, ax, summary: dict[str, Any]) -> None:
