@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP) ## make .venv and install l1ra-lite, its dependencies, the embedded model and data
 
-install-gguf: $(STAMP) ## also install llama-cpp-python: the gguf extra (compiles llama.cpp: a few minutes)
+install-gguf: $(STAMP) ## also install llama-cpp-python: the gguf extra (compiles llama.cpp: up to half an hour)
 	$(PIP) install -q -e ".[dev,gguf]"
 
 test: $(STAMP) ## install, then run the test suite (a few minutes on 2 CPU cores)
