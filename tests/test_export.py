@@ -544,7 +544,7 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    fast.chat_template = MISTRAL_V03_TEMPLATE
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (run / "adapter" / name).unlink(missing_ok=True)
     fast.save_pretrained(run / "adapter")
@@ -558,87 +558,122 @@ def test_gguf_spm_style_tokenizer_for_mistral(tmp_path):
     assert tokens[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6  # BYTE
     assert types[-1] == 5  # UNUSED padding
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
-    assert "[INST] {{ .Content }}[/INST]" in modelfile.read_text()
+    assert "{{ .Content }}[/INST]" in modelfile.read_text()
 
 
 # ---------------------------------------------------------------- Ollama's Modelfile
 
 
-def render_go_template(template: str, messages: list[dict[str, str]]) -> str:
-    """What Ollama renders from the Go templates modelfile.py writes: the part of
-    text/template they use (range .Messages, .Role, .Content, if / else if eq .Role "x",
-    end, and the {{- / -}} whitespace trims)."""
-    import re
+# Chat templates of other families, transcribed from the models' tokenizer_config.json (not
+# downloaded: llama-cpp-python's llama_chat_format.py has the first two), with the parts for
+# tools left out and the exception messages shortened.
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_V01_TEMPLATE = (  # Mistral-7B-Instruct-v0.1: "[INST] x [/INST]", no system messages
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+MISTRAL_V03_TEMPLATE = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if (message["role"] == "user") != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("After the optional system message, roles must alternate user/assistant/...") }}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token}}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles, and an optional first system message") }}
+    {%- endif %}
+{%- endfor %}
+"""
+# template -> (BOS, EOS, whether the Modelfile translates it, a line the Modelfile must have)
+FAMILY_TEMPLATES = {
+    "smollm2": (None, "<|im_end|>", True, 'PARAMETER stop "<|im_end|>"'),
+    "chatml": (None, "<|im_end|>", True, 'PARAMETER stop "<|im_end|>"'),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", True, 'PARAMETER stop "<|eot_id|>"'),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>", True, "Today Date: 26 Jul 2024\n\n{{ .System }}<|eot_id|>"),
+    "mistral-v0.3": ("<s>", "</s>", True, "{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"),
+    "mistral-v0.1": ("<s>", "</s>", False, 'PARAMETER stop "</s>"'),
+}
 
-    pieces = re.split(r"({{-?\s*.*?\s*-?}})", template)
-    for i, piece in enumerate(pieces):  # the trims eat the whitespace next to an action
-        if piece.startswith("{{-") and i > 0:
-            pieces[i - 1] = pieces[i - 1].rstrip()
-        if piece.endswith("-}}") and i + 1 < len(pieces):
-            pieces[i + 1] = pieces[i + 1].lstrip()
-    tokens = [p if not p.startswith("{{") else ("action", p.strip("{}-").strip()) for p in pieces]
 
-    def block(pos, message):
-        """Render from `pos` up to its `end` / `else`; returns (text, position of the stopper)."""
-        out = ""
-        while pos < len(tokens):
-            token = tokens[pos]
-            if isinstance(token, str):
-                out += token
-            elif token[1] in ("end",) or token[1].startswith("else"):
-                return out, pos
-            elif token[1] == "range .Messages":
-                for m in messages:
-                    text, stop = block(pos + 1, m)
-                    out += text
-                pos = stop
-            elif token[1].startswith("if "):
-                taken, stop = False, pos
-                condition = token[1][3:]
-                while True:
-                    role = re.fullmatch(r'eq \.Role "(\w+)"', condition).group(1)
-                    text, stop = block(stop + 1, message)
-                    if not taken and message["role"] == role:
-                        out, taken = out + text, True
-                    if tokens[stop][1] == "end":
-                        break
-                    condition = tokens[stop][1].removeprefix("else if ")
-                pos = stop
-            else:
-                out += message[{".Role": "role", ".Content": "content"}[token[1]]]
-            pos += 1
-        return out, pos
-
-    return block(0, None)[0]
-
-
-def ollama_prompt(modelfile: str, messages: list[dict[str, str]]) -> str:
-    """The prompt Ollama builds: its SYSTEM first when the request has no system message."""
-    import re
-
-    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
-    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)
-    if system and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system.group(1)}] + messages
-    return render_go_template(template, messages)
-
-
-@pytest.mark.parametrize("template", ["smollm2", "chatml"])
+@pytest.mark.parametrize("template", list(FAMILY_TEMPLATES))
 def test_modelfile_prompts_what_the_tokenizers_chat_template_does(template):
     """Ollama, given the Modelfile, writes every conversation exactly as the model's chat
-    template does, also the default system message SmolLM2's template adds."""
+    template does (less the BOS token, which llama.cpp adds), also the default system
+    message SmolLM2's template adds, Llama 3.1's date header and Mistral v0.3's system
+    message in the last [INST]; a template it would not write exactly gets no TEMPLATE."""
+    from l1ra_lite.export.gotemplate import ollama_prompt
     from l1ra_lite.export.modelfile import default_system_message, modelfile_text
     from tests.tiny import SMOLLM2_TEMPLATE
 
+    bos, eos, translated, line = FAMILY_TEMPLATES[template]
     tokenizer = build_tokenizer()
-    tokenizer.chat_template = {"smollm2": SMOLLM2_TEMPLATE, "chatml": CHATML}[template]
+    tokenizer.chat_template = {
+        "smollm2": SMOLLM2_TEMPLATE,
+        "chatml": CHATML,
+        "llama3": LLAMA3_TEMPLATE,
+        "llama3.1": LLAMA31_TEMPLATE,
+        "mistral-v0.3": MISTRAL_V03_TEMPLATE,
+        "mistral-v0.1": MISTRAL_V01_TEMPLATE,
+    }[template]
+    if bos:
+        tokenizer.bos_token, tokenizer.eos_token = bos, eos
 
-    def render(messages, prompt=False):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+    def render(messages, add_generation_prompt=False):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     system = default_system_message(render)
-    text = modelfile_text("m.gguf", tokenizer.chat_template, tokenizer.eos_token, system)
+    text = modelfile_text("m.gguf", tokenizer.chat_template, tokenizer.eos_token, system, render, tokenizer.bos_token)
     assert (system is not None) == (template == "smollm2")
+    assert line in text
+    assert ("TEMPLATE" in text) == translated
+    if not translated:
+        assert "-like but writes conversations differently" in text
+        return
+    modelfile_template = text.split('TEMPLATE """')[1].split('"""')[0]
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
@@ -647,10 +682,42 @@ def test_modelfile_prompts_what_the_tokenizers_chat_template_does(template):
             {"role": "assistant", "content": "Hello! How can I help?"},
             {"role": "user", "content": "Tell me a joke."},
         ],
+        [
+            {"role": "system", "content": "Answer as a pirate."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Arr."},
+            {"role": "user", "content": "Where is the gold?"},
+        ],
     ]
     for conversation in conversations:
-        assert ollama_prompt(text, conversation) == render(conversation, prompt=True)
-    assert 'PARAMETER stop "<|im_end|>"' in text
+        expected = render(conversation, add_generation_prompt=True).removeprefix(bos or "\0")
+        assert ollama_prompt(modelfile_template, conversation, system) == expected
+
+
+def test_the_go_template_renderer_reads_what_ollama_reads():
+    """gotemplate.py against text/template's documented behaviour on the constructs used."""
+    from l1ra_lite.export.gotemplate import ollama_prompt, render_go_template
+
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert (
+        render_go_template("x  {{- range .Messages }} {{ .Role }} {{- end }}  \n", messages)
+        == "x user assistant user  \n"
+    )
+    assert render_go_template("{{ range .Messages -}}  [{{ .Content }}] {{- end }}", messages) == "[a][b][c]"
+    last = "{{ range $i, $_ := .Messages }}{{ if eq (len (slice $.Messages $i)) 1 }}{{ .Content }}{{ end }}{{ end }}"
+    assert render_go_template(last, messages) == "c"
+    branch = '{{ range .Messages }}{{ if eq .Role "user" }}U{{ else if ne .Role "x" }}A{{ else }}X{{ end }}{{ end }}'
+    assert render_go_template(branch, messages) == "UAU"
+    assert render_go_template("{{ if and .System (not false) }}[{{ $.System }}]{{ end }}", [], "s") == "[s]"
+    assert render_go_template("{{ if .System }}x{{ end }}", [], "") == ""
+    # Ollama: the Modelfile's SYSTEM only without a system message first; roles run together
+    assert ollama_prompt("{{ .System }}|{{ range .Messages }}{{ .Content }};{{ end }}", messages[:1], "d") == "d|d;a;"
+    same_role = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert ollama_prompt("{{ range .Messages }}{{ .Content }};{{ end }}", same_role) == "a\n\nb;"
 
 
 # ---------------------------------------------------------------- CLI and bad input
