@@ -49,12 +49,26 @@ def written_aside(target: Path) -> Iterator[Path]:
         raise
 
 
-def write_tensors_atomic(path: Path, tensors: dict) -> None:
-    """A safetensors file, written aside and renamed into place."""
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its full-disk error as an OSError and the file made
+    readable as any other file the user writes (safetensors creates it owner-only, 0600,
+    which a merged model served by another user or tool cannot read)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # safetensors reports a full disk this way
+        raise OSError(str(err)) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_tensors_atomic(path: Path, tensors: dict) -> None:
+    """A safetensors file, written aside and renamed into place."""
     with written_aside(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
 
 
 def replace_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:

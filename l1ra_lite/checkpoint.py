@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from l1ra_lite.atomic import remove_atomically, replace_dir_atomically, write_json_atomic
+from l1ra_lite.atomic import remove_atomically, replace_dir_atomically, save_tensors, write_json_atomic
 from l1ra_lite.errors import UserError
 
 LATEST = "latest"
@@ -93,10 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, checkpoint: Checkpoint, keep: int)
             "extra.safetensors": {k: v.contiguous().cpu() for k, v in checkpoint.extra.items()},
         }
         for name, tensors in contents.items():
-            try:
-                save_file(tensors, str(folder / name))
-            except SafetensorError as err:  # safetensors reports a full disk this way
-                raise OSError(str(err)) from None
+            save_tensors(tensors, folder / name)
         (folder / "state.json").write_text(json.dumps({**checkpoint.state, "optimizer": opt_meta}, indent=1))
         files = TENSOR_FILES + ("state.json",)
         for name in files:

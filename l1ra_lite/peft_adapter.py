@@ -84,8 +84,8 @@ def save_peft_adapter(
 ) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (+ tokenizer) to out_dir."""
     from peft import LoraConfig
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+
+    from l1ra_lite.atomic import save_tensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = {path: adapter.rank for path, adapter in adapters.items()}
@@ -101,10 +101,7 @@ def save_peft_adapter(
         base_model_name_or_path=base_model,
     )
     config.save_pretrained(str(out_dir))
-    try:
-        save_file(peft_tensors(adapters, lora_alpha), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    except SafetensorError as err:  # safetensors reports a full disk this way
-        raise OSError(str(err)) from None
+    save_tensors(peft_tensors(adapters, lora_alpha), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir

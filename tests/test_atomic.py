@@ -61,3 +61,30 @@ def test_removal_goes_through_a_hidden_name(tmp_path, monkeypatch):
     remove_atomically(doomed)
     assert [(name.startswith(".checkpoint-3.old-"), there) for name, there in deleted] == [(True, False)]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_tensors_are_readable_like_other_files_and_a_full_disk_is_an_os_error(tmp_path, monkeypatch):
+    """safetensors creates its files owner-only (0600); a merged model or an adapter must
+    be readable as any file the user writes (0644 under the usual umask 022)."""
+    import os
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from l1ra_lite.atomic import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors({"w": torch.ones(2)}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert safetensors.torch.load_file(str(tmp_path / "a.safetensors"))["w"].tolist() == [1.0, 1.0]
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_tensors({"w": torch.ones(2)}, tmp_path / "b.safetensors")

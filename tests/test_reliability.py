@@ -354,7 +354,9 @@ def test_out_of_memory_while_loading_is_one_line(workdir, monkeypatch, capsys):
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, monkeypatch):
-    real = ckpt.save_file
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
     calls = {"n": 0}
 
     def full_disk(tensors, path, *a, **k):
@@ -363,7 +365,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, monkeypat
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     run_dir = workdir / "disk-full"
     run_dir.mkdir()
     with pytest.raises(UserError, match="No space left on device .*; the previous checkpoint is intact"):

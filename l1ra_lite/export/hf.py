@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
+from l1ra_lite.atomic import save_tensors
 from l1ra_lite.errors import UserError
 from l1ra_lite.export.lora import read_adapter
 from l1ra_lite.export.merge import MergePlan, TensorSpec, make_plan, merged_tensors, resolve_merge_into
@@ -95,7 +95,7 @@ def write_weights(plan: MergePlan, folder: Path, dtype: torch.dtype, shard_bytes
             shard[name] = tensor.to(dtype).contiguous()
             weight_map[name] = file_name
             total += shard[name].numel() * bytes_per_value
-        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        save_tensors(shard, folder / file_name, metadata={"format": "pt"})
         del shard
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
