@@ -195,7 +195,7 @@ class Finetune:
     """`l1ra-lite finetune ... --plain` as a child process, its lines timed as they come,
     its resident memory (VmRSS) sampled every 0.2 s with the step it was at."""
 
-    def __init__(self, arguments: list[str], env: dict):
+    def __init__(self, arguments: list[str], env: dict, samples: Optional[Path] = None):
         import threading
 
         self.started = time.perf_counter()
@@ -205,6 +205,7 @@ class Finetune:
         )
         self.step, self.rss = 0, []  # (seconds, step, bytes)
         self.lines: list[tuple[float, str]] = []
+        self.samples = open(samples, "w") if samples else None  # "seconds step bytes" lines, as they come
         self.sampler = threading.Thread(target=self.sample, daemon=True)
         self.sampler.start()
 
@@ -217,6 +218,9 @@ class Finetune:
                             self.rss.append(
                                 (time.perf_counter() - self.started, self.step, int(line.split()[1]) * 1024)
                             )
+                            if self.samples:
+                                self.samples.write("%.1f %d %d\n" % self.rss[-1])
+                                self.samples.flush()
             except OSError:
                 return
             time.sleep(0.2)
@@ -255,7 +259,7 @@ def first_step(args: argparse.Namespace, data: Path, cache: Path, env: dict) -> 
     common += ["--data-cache", str(cache), "--eval-every", "0", "--seed", "42"]
     common += ["--packing"] * args.packing
     started = Finetune(
-        ["--model", str(model), "--data", str(data), "--output", str(run), "--max-steps", "2", "--save-every", "1"]
+        ["--model", str(model), "--data", str(data), "--output", str(run), "--max-steps", "3", "--save-every", "1"]
         + common,
         env,
     )
@@ -264,12 +268,16 @@ def first_step(args: argparse.Namespace, data: Path, cache: Path, env: dict) -> 
     started.finish()
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     # a tiny model's steps outrun a stop signal: the resume starts from step 1's checkpoint,
-    # as it would after a stop there
-    shutil.rmtree(run / "checkpoint-2", ignore_errors=True)
+    # as it would after a stop there (3 steps: the resumed step 2 is not the last, which evaluates)
+    for later in ("checkpoint-2", "checkpoint-3"):
+        shutil.rmtree(run / later, ignore_errors=True)
     (run / "latest").write_text(json.dumps({"checkpoint": "checkpoint-1", "step": 1}))
     resumed = Finetune(["--resume", str(run)], env)
     to_resumed_step = resumed.lines_until("step 2/")
     resumed.finish()
+    with open(Path(args.workdir_path) / "first-step.log", "w") as log:  # every line, with its time
+        for name, child in (("first", started), ("resume", resumed)):
+            log.writelines(f"{name} {seconds:8.2f} {text}\n" for seconds, text in child.lines)
     stats = config.get("data_stats", {})
     print(
         json.dumps(
@@ -297,8 +305,8 @@ def streaming_memory(args: argparse.Namespace, data: Path, env: dict) -> None:
     arguments = ["--model", str(model), "--data", str(data), "--output", str(run), "--streaming"]
     arguments += ["--max-steps", str(args.stream_steps), "--quant", "none", "--seq-len", str(args.seq_len)]
     arguments += ["--batch-size", "1", "--grad-accum", "1", "--eval-every", "0", "--save-every", "0"]
-    arguments += ["--log-every", "100", "--eval-max-rows", "20"]
-    run_ = Finetune(arguments, env)
+    arguments += ["--log-every", "10", "--eval-max-rows", "20"]
+    run_ = Finetune(arguments, env, Path(args.workdir_path) / "streaming-rss.txt")
     run_.lines_until(f"step {args.stream_steps}/")
     code = run_.finish()
     in_steps = [(s, step, b) for s, step, b in run_.rss if step >= 1]
