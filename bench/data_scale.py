@@ -259,7 +259,20 @@ def first_step(args: argparse.Namespace, data: Path, cache: Path, env: dict) -> 
     common += ["--data-cache", str(cache), "--eval-every", "0", "--seed", "42"]
     common += ["--packing"] * args.packing
     started = Finetune(
-        ["--model", str(model), "--data", str(data), "--output", str(run), "--max-steps", "3", "--save-every", "1"]
+        [
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--output",
+            str(run),
+            "--max-steps",
+            "3",
+            "--save-every",
+            "1",
+            "--keep-checkpoints",
+            "3",
+        ]
         + common,
         env,
     )
