@@ -405,8 +405,6 @@ def keep_4bit_layers_trainable(model: Any) -> None:
     keep the trainable layout; generate and export load their own model and keep the
     fast path. Weights already repacked are unpacked again.
     """
-    if "bitsandbytes" not in sys.modules:  # no 4-bit layers were loaded; the import costs seconds (torch.compile)
-        return
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
         from bitsandbytes.nn import Linear4bit

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -16,8 +15,6 @@ from l1ra_lite.module_paths import layer_index, matches_target
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    if "bitsandbytes" not in sys.modules:  # then no module is one of its layers; importing it costs seconds
-        return False
     try:  # bitsandbytes is optional at import time (e.g. a CPU box without it)
         import bitsandbytes as bnb
 
