@@ -54,6 +54,7 @@ class FinetuneConfig:
     eval_max_rows: int = 200  # ... capped at this many
     skip_bad_rows: bool = False
     data_subset: Optional[str] = None  # a hub dataset's subset (configuration)
+    data_files: Optional[str] = None  # files inside a hub dataset repo or dataset folder (path or glob)
     data_split: str = "train"
     eval_data: Optional[str] = None  # held-out rows from elsewhere, instead of a share of the training rows
     eval_split: str = "validation"  # the split of eval_data, when it is a hub dataset or folder

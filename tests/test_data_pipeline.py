@@ -228,6 +228,20 @@ def test_a_dataset_folder_with_subsets_and_splits(tok, tmp_path, hf_cache):
     assert "cannot load dataset" in message and "'gamma'" in message
 
 
+def test_data_files_pick_files_inside_a_dataset_folder(tok, tmp_path, hf_cache):
+    folder = str(write_dataset_folder(tmp_path / "org-data"))
+    beta = prepare_data(folder, tok, 64, False, 0.0, 0, seed=0, data_files="beta/*.jsonl", cache_dir=tmp_path / "c")
+    assert answers(tok, beta.train) == [f"Answer number {i}." + EOS for i in range(200, 205)]
+    both = prepare_data(folder, tok, 64, False, 0.0, 0, seed=0, data_files="*/train.jsonl", cache_dir=tmp_path / "c")
+    assert both.stats.train_rows == 8 + 5  # another file set: another cache entry, not beta's
+    message = one_line_error(lambda: prepare_data(folder, tok, 64, False, 0.0, 0, seed=0, data_files="nope/*.jsonl"))
+    assert "cannot load dataset" in message and "files 'nope/*.jsonl'" in message
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, qa_rows(3))
+    message = one_line_error(lambda: prepare_data(str(rows), tok, 64, False, 0.0, 0, seed=0, data_files="x"))
+    assert "--data-files picks files inside a hub dataset or a dataset folder" in message
+
+
 def test_chat_template_by_file_or_name(tmp_path):
     tokenizer = build_tokenizer()
     template = tmp_path / "t.jinja"
@@ -414,6 +428,7 @@ def test_the_help_shows_every_data_option(capsys):
     for option in (
         "--data",
         "--data-subset",
+        "--data-files",
         "--data-split",
         "--eval-data",
         "--eval-split",

@@ -128,6 +128,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     group = p.add_argument_group("data")
     opt("--data-subset", "the subset (configuration) of a hub dataset or dataset folder")
+    opt(
+        "--data-files",
+        "files inside a hub dataset repo or dataset folder to read (a path or glob, e.g. data/train-*.parquet)",
+    )
     opt("--data-split", "the split of a hub dataset or dataset folder to train on")
     opt("--eval-data", "held-out rows from this file, folder or hub dataset instead of a share of --data")
     opt("--eval-split", "the split of --eval-data, when it is a hub dataset or folder")

@@ -75,6 +75,7 @@ def prepare_data(
     *,
     subset: Optional[str] = None,
     split: Optional[str] = None,
+    data_files: Optional[str] = None,
     eval_data: Optional[str] = None,
     eval_split: Optional[str] = None,
     num_proc: Optional[int] = None,
@@ -107,13 +108,14 @@ def prepare_data(
             skip_bad_rows,
             subset=subset,
             split=split,
+            data_files=data_files,
             eval_data=eval_data,
             eval_split=eval_split,
             cache_dir=cache_dir,
             max_steps=max_steps,
             examples_per_step=examples_per_step,
         )
-    sources = [resolve_source(spec, subset, split) for spec in split_specs(source)]
+    sources = [resolve_source(spec, subset, split, data_files) for spec in split_specs(source)]
     held_out_source = resolve_source(eval_data, subset, eval_split or "validation") if eval_data else None
     hub = {s: load_hub_dataset(s) for s in [*sources, held_out_source] if s is not None and s.kind == "hub"}
     key = cache_key(

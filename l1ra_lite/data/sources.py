@@ -41,6 +41,7 @@ class Source:
     name: str  # for messages
     subset: Optional[str] = None
     split: str = "train"
+    data_files: Optional[str] = None  # files of the dataset repo or folder to read (a path or glob inside it)
 
     @property
     def path(self) -> Path:
@@ -63,18 +64,22 @@ def split_specs(data: Any) -> list[Optional[str]]:
     return specs
 
 
-def resolve_source(spec: Optional[str], subset: Optional[str] = None, split: Optional[str] = None) -> Source:
+def resolve_source(
+    spec: Optional[str], subset: Optional[str] = None, split: Optional[str] = None, data_files: Optional[str] = None
+) -> Source:
     """What `spec` names; a file that cannot be read fails here, before any work."""
     split = split or "train"
+    path = Path(spec).expanduser() if spec is not None else None
+    if path is not None and path.is_dir():
+        return Source(spec, "hub", spec, subset, split, data_files)  # a dataset folder: the hub's loader reads it
+    if data_files:
+        raise UserError("--data-files picks files inside a hub dataset or a dataset folder; --data names neither")
     if spec is None:
         return Source(None, "embedded", EMBEDDED_NAME)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return Source(spec, "hub", spec, subset, split)  # a dataset folder: the hub's loader reads it
     if path.exists() or path.suffix.lower() in FILE_KINDS or _looks_like_path(spec):
         _check_file(path)
         return Source(spec, "file", spec)
-    return Source(spec, "hub", spec, subset, split)
+    return Source(spec, "hub", spec, subset, split, data_files)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -99,7 +104,7 @@ def data_fingerprint(source: Source, hub_dataset=None) -> str:
         folder = _chatterbot_folder()
         return "embedded:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(folder.glob("*.yml")))
     dataset = hub_dataset if hub_dataset is not None else load_hub_dataset(source)
-    return f"hub:{source.spec}:{source.subset}:{source.split}:{dataset._fingerprint}"
+    return f"hub:{source.spec}:{source.subset}:{source.data_files}:{source.split}:{dataset._fingerprint}"
 
 
 # ---------------------------------------------------------------------------------
@@ -244,16 +249,24 @@ def load_hub_dataset(source: Source):
     import datasets
 
     what = repr(source.spec) + (f" (subset {source.subset!r})" if source.subset else "") + f", split {source.split!r}"
+    what += f", files {source.data_files!r}" if source.data_files else ""
     try:
-        if source.subset:
-            return datasets.load_dataset(source.spec, source.subset, split=source.split)
-        return datasets.load_dataset(source.spec, split=source.split)
+        return datasets.load_dataset(*load_arguments(source), split=source.split, **load_options(source))
     except Exception as err:  # noqa: BLE001 - offline, unknown name, no such split ...: all the user's to fix
         where = "from the folder" if Path(str(source.spec)).is_dir() else "from the Hugging Face hub"
         raise UserError(
             f"cannot load dataset {what} {where} ({type(err).__name__}: {one_line(err)})"
             + ("" if where == "from the folder" else "; no file by that name exists either")
         ) from None
+
+
+def load_arguments(source: Source) -> tuple:
+    """datasets.load_dataset's positional arguments for a hub source: the id, its subset."""
+    return (source.spec, source.subset) if source.subset else (source.spec,)
+
+
+def load_options(source: Source) -> dict:
+    return {"data_files": source.data_files} if source.data_files else {}
 
 
 def _embedded_rows() -> Iterator[tuple[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 from l1ra_lite.data.common import DataSplits, DataStats, handle_bad_rows
 from l1ra_lite.data.encode import leading_bos_id
 from l1ra_lite.data.fit import Packer
-from l1ra_lite.data.sources import Source, resolve_source, split_specs
+from l1ra_lite.data.sources import Source, load_arguments, load_options, resolve_source, split_specs
 from l1ra_lite.errors import UserError
 
 SHUFFLE_BUFFER = 10_000  # rows held for shuffling
@@ -139,8 +139,9 @@ def _rows(source: Source):
             _flagged, gen_kwargs={"records": _raw_records, "source": source}, features=features
         )
     try:
-        args = (source.spec, source.subset) if source.subset else (source.spec,)
-        stream = datasets.load_dataset(*args, split=source.split, streaming=True)
+        stream = datasets.load_dataset(
+            *load_arguments(source), split=source.split, streaming=True, **load_options(source)
+        )
     except Exception as err:  # noqa: BLE001 - offline, unknown name ...: the user's to fix
         raise UserError(
             f"cannot stream dataset {source.spec!r}: {type(err).__name__}: {' '.join(str(err).split())}"
@@ -166,7 +167,10 @@ def prepare_stream(
     from the first `eval_max_rows` rows of the stream (which training then skips)."""
     if not options.get("max_steps"):
         raise UserError("--streaming needs --max-steps: the length of a streamed dataset is not known up front")
-    sources = [resolve_source(spec, options.get("subset"), options.get("split")) for spec in split_specs(source)]
+    sources = [
+        resolve_source(spec, options.get("subset"), options.get("split"), options.get("data_files"))
+        for spec in split_specs(source)
+    ]
     stats = DataStats(source=", ".join(s.name for s in sources))
     held_out, skip_rows = _held_out(sources, tokenizer, seq_len, eval_max_rows, skip_bad_rows, options)
     stats.eval_examples = len(held_out)

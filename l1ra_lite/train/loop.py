@@ -241,6 +241,7 @@ def setup_run(
         config.skip_bad_rows,
         subset=config.data_subset,
         split=config.data_split,
+        data_files=config.data_files,
         eval_data=config.eval_data,
         eval_split=config.eval_split,
         num_proc=config.num_proc,
