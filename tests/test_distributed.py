@@ -35,6 +35,7 @@ FLAGS = [
     *("--realloc-rule", "importance", "--shrink-until", 0.6, "--l1-lambda", "auto", "--l1-kappa", 1.5),
     *("--max-steps", STEPS, "--update-every", 2, "--warmup", 1, "--eval-every", 8, "--save-every", 4),
     *("--seed", 7, "--plain", "--keep-checkpoints", 10),
+    *("--dtype", "fp32"),  # the bounds are fp32's rounding, also on CPUs that would train in bf16
 ]
 
 
