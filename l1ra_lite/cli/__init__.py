@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -58,4 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(args.run(args) or 0)
     except UserError as err:
         print(f"l1ra-lite {args.command}: error: {err}", file=sys.stderr)
+        if err.end_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(err.exit_code)
         return err.exit_code

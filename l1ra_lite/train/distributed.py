@@ -35,7 +35,14 @@ T = TypeVar("T")
 
 
 class ProcessLost(UserError):
-    """Another process of the run died or stopped answering; this one stops too."""
+    """Another process of the run died or stopped answering; this one stops too.
+
+    It ends without tearing down its process group: with a peer that hangs (stopped, not
+    dead) gloo's teardown at interpreter exit can abort the process (SIGABRT, seen in CI)
+    after the message, and NCCL's can wait on the peer. Every checkpoint on disk is
+    already a complete file, so nothing is lost by skipping it."""
+
+    end_at_once = True
 
 
 class OutOfStep(UserError):
