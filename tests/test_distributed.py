@@ -245,6 +245,28 @@ def test_a_run_resumes_in_another_number_of_processes_only_at_the_same_global_ba
     assert ranks(out) == ranks(two_processes)
 
 
+def test_a_lost_process_ends_after_its_message_without_the_interpreters_teardown(monkeypatch, capsys):
+    """gloo's teardown of a group whose peer hangs can abort the process (SIGABRT, about
+    one exit in eight here, always after the message): ProcessLost ends with os._exit."""
+    from l1ra_lite.errors import UserError
+    from l1ra_lite.train.distributed import ProcessLost
+
+    def finetune_raising(err):
+        def run(args):
+            raise err
+
+        monkeypatch.setattr("l1ra_lite.cli.finetune.run", run)
+
+    ended = []
+    monkeypatch.setattr(os, "_exit", ended.append)
+    finetune_raising(ProcessLost("process 0 of 2: another process of the run stopped"))
+    assert main(["finetune", "--data", "x.jsonl"]) == 2 and ended == [2]
+    assert capsys.readouterr().err == "l1ra-lite finetune: error: process 0 of 2: another process of the run stopped\n"
+    ended.clear()
+    finetune_raising(UserError("x.jsonl not found"))
+    assert main(["finetune", "--data", "x.jsonl"]) == 2 and ended == []  # other errors end as usual
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_killing_one_process_ends_the_other_within_the_timeout_with_one_clear_line(workdir, signum):
     """A dead process is noticed at once (gloo: its connection closes); a hung one when a
