@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: `bench` package
 
-from bench import gpu_bench, gpu_checks, lr_sweep, run, run_queue, seeds  # noqa: E402
+from bench import gpu_bench, gpu_checks, lr_sweep, run, run_queue, seeds, seen_unseen  # noqa: E402
 from bench.summary import (  # noqa: E402
     check_targets,
     compare,
@@ -558,6 +558,29 @@ def test_a_tiny_sweep_runs_resumes_and_reads_finished_runs_without_rerunning(tmp
     assert doc["winners"]["lora"]["complete"] is True
     with pytest.raises(SystemExit, match="other settings"):
         lr_sweep.main([*args[:-2], "--seq-len", "64"])
+
+
+def test_the_eval_loss_splits_into_rows_the_run_trained_on_and_new_ones(tmp_path):
+    """bench/seen_unseen.py re-makes a finished run's split and evaluates its adapter: on
+    the whole split it gives the loss the run logged; every repeated row is 'seen'."""
+    from l1ra_lite.cli import main
+    from tests.tiny import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:20]))  # 20 rows twice
+    out = tmp_path / "run"
+    flags = ["--quant", "none", "--max-steps", "4", "--seq-len", "48", "--eval-fraction", "0.25", "--plain"]
+    assert main(["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(out), *flags]) == 0
+    config = json.loads((out / "config.json").read_text())
+    seen, unseen = seen_unseen.split_by_content(config)
+    assert len(seen) + len(unseen) == 15 and seen and unseen
+    assert all(int(r["messages"][0]["content"].split()[2]) < 20 for r in seen)  # the repeated ones
+    record = seen_unseen.measure(out)
+    assert record["eval_loss_all"] == pytest.approx(record["eval_loss_logged"], abs=1e-6)
+    parts = sorted([record["eval_loss_seen"], record["eval_loss_unseen"]])
+    assert parts[0] < record["eval_loss_all"] < parts[1]
 
 
 # ---------------------------------------------------------------- bench/gpu_bench.py
