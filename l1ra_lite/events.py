@@ -36,6 +36,7 @@ class RunStarted:
     next_update: Optional[int]  # step of the first reallocation from here, None when none will happen
     device: str
     start_step: int = 0  # > 0 when resuming
+    notes: tuple[str, ...] = ()  # about the data, worth the user's attention (DataStats.notes)
 
 
 @dataclass(frozen=True)

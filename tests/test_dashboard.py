@@ -23,6 +23,7 @@ from l1ra_lite.ui.dashboard import (
     DashboardState,
     memory_colour,
     open_display,
+    plain_line,
     render,
     sparkline,
 )
@@ -156,6 +157,17 @@ def test_screen_before_any_step_and_with_reallocation_off():
     assert "reallocation off" in text
     assert "no reallocation yet" in text
     assert "rank 56 / budget 56" in text
+
+
+def test_notes_about_the_data_are_on_the_screen_and_in_the_plain_lines():
+    from dataclasses import replace
+
+    note = "50 of 96 eval rows also occur in the training rows: the eval loss partly measures memorisation"
+    started = replace(scripted_events()[0], notes=(note,))
+    assert f"note: {note}" in " ".join(draw(render(state_after([started])), width=200).split())
+    state = state_after([started])
+    assert plain_line(state, started).splitlines()[1:] == [f"note: {note}"]
+    assert len(plain_line(state, scripted_events()[0]).splitlines()) == 1  # no notes, one line
 
 
 def test_cuda_memory_is_shown_against_the_card_and_turns_red_near_the_limit():

@@ -191,6 +191,23 @@ def test_eval_data_is_the_held_out_set_instead_of_a_share_of_the_training_rows(t
     assert set(answers(tok, splits.eval)) < {f"Answer number {i}." + EOS for i in range(500, 506)}
 
 
+def test_eval_rows_that_repeat_training_rows_are_counted_and_said(tok, tmp_path):
+    from l1ra_lite.data import load_rows, split_rows
+
+    path = write_jsonl(tmp_path / "rows.jsonl", qa_rows(30) + qa_rows(10))  # questions 0-9 twice
+    splits = prepare(path, tok, eval_fraction=0.25, eval_max_rows=10)
+    train, held_out = split_rows(load_rows(str(path))[0], 0.25, 10, seed=3)
+    in_training = [r for r in held_out if r["messages"] in [t["messages"] for t in train]]
+    assert splits.stats.eval_rows_in_training == len(in_training) > 0
+    assert f"{len(in_training)} of 10 eval rows also occur in the training rows" in splits.stats.notes()[0]
+    held_out = write_jsonl(tmp_path / "eval.jsonl", qa_rows(3, start=8) + qa_rows(3, start=500))
+    separate = prepare(write_jsonl(tmp_path / "train.jsonl", qa_rows(20)), tok, eval_data=str(held_out))
+    assert separate.stats.eval_rows_in_training == 3  # questions 8, 9 and 10 are in both files
+    assert prepare(write_jsonl(tmp_path / "distinct.jsonl", qa_rows(30)), tok).stats.notes() == []
+    bad = write_jsonl(tmp_path / "bad.jsonl", qa_rows(30) + [{"question": "no answer field"}])
+    assert prepare(bad, tok, skip_bad_rows=True).stats.notes()[0].startswith("1 bad row(s) skipped, e.g. ")
+
+
 def write_dataset_folder(root):
     """A local folder laid out like a hub dataset: two subsets, splits by file."""
     (root / "alpha").mkdir(parents=True)

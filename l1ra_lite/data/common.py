@@ -14,6 +14,7 @@ EXPECTED_FIELDS = (
     "messages (a list of {role, content}) | conversations (a list of {from, value}) | "
     "instruction, output (input optional) | prompt, completion | text"
 )
+EMBEDDED_NAME = "embedded chatterbot-corpus (english)"
 MAX_BAD_ROW_EXAMPLES = 5  # bad-row messages kept in the stats, for the log
 
 
@@ -31,6 +32,9 @@ class DataStats:
     train_rows: int = 0
     eval_rows: int = 0
     eval_source: str = ""  # the --eval-data source, "" when eval rows are carved from the training data
+    # Eval rows whose content is also a training row's: on those the eval loss measures
+    # memorisation, not what the model learnt (data with repeated rows has many).
+    eval_rows_in_training: int = 0
     truncated: int = 0  # examples cut to seq_len
     dropped: int = 0  # examples / packed chunks with no answer token left
     packed: bool = False
@@ -45,6 +49,19 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def notes(self) -> list[str]:
+        """What the user should know about the data before trusting the run's figures."""
+        notes = []
+        if self.bad_rows and self.source != EMBEDDED_NAME:  # its one bad entry is not the user's to fix
+            notes.append(f"{self.bad_rows} bad row(s) skipped, e.g. {self.bad_row_examples[0]}")
+        if self.eval_rows_in_training:
+            notes.append(
+                f"{self.eval_rows_in_training} of {self.eval_rows} eval rows also occur in the training rows: "
+                "the eval loss partly measures memorisation (remove the repeated rows, or hold out "
+                "other rows with --eval-data)"
+            )
+        return notes
 
 
 @dataclass

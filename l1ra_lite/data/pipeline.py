@@ -181,6 +181,7 @@ class Build:
         else:
             train_rows, eval_rows = _select(rows, usable), self.held_out(held_out_source, eval_max_rows, seed)
             stats.eval_source = held_out_source.name
+        stats.eval_rows_in_training = _rows_in(eval_rows, train_rows)
 
         train = self.encoded(train_rows)
         held_out = self.encoded(eval_rows)
@@ -443,6 +444,16 @@ def _usable(checked):
     import pyarrow.compute as pc
 
     return _positions(pc.is_null(_column(checked, "error")))
+
+
+def _rows_in(rows, others) -> int:
+    """How many of `rows` have the content of some row of `others` (both checked tables:
+    the normalised row as JSON text). Memory follows `rows`, the small side (eval rows)."""
+    import pyarrow.compute as pc
+
+    content = _column(rows, "row")
+    shared = pc.unique(_column(others, "row").filter(pc.is_in(_column(others, "row"), value_set=content)))
+    return int(pc.sum(pc.is_in(content, value_set=shared)).as_py() or 0)
 
 
 def _select(dataset, indices):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from l1ra_lite.data.common import one_line
+from l1ra_lite.data.common import EMBEDDED_NAME, one_line
 from l1ra_lite.data.normalise import Unparsed
 from l1ra_lite.errors import UserError
 
@@ -29,7 +29,6 @@ FILE_KINDS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-EMBEDDED_NAME = "embedded chatterbot-corpus (english)"
 
 
 @dataclass(frozen=True)

@@ -636,6 +636,7 @@ def train(
             next_update=schedule.next_update(run.progress.step) if run.method.moves_rank else None,
             device=run.device,
             start_step=run.progress.step,
+            notes=tuple(run.data.stats.notes()),
         )
     )
     fit(run, should_stop)

@@ -86,6 +86,7 @@ class DashboardState:
     steps_per_epoch: int = 0
     start_step: int = 0
     update_every: int = 0
+    notes: tuple[str, ...] = ()  # about the data (RunStarted.notes)
     # progress
     step: int = 0
     epoch: float = 0.0
@@ -140,6 +141,7 @@ class DashboardState:
         self.ranks = dict(e.ranks)
         self.rank_total = sum(self.ranks.values())
         self.next_update = e.next_update
+        self.notes = e.notes
 
     def _step_logged(self, e: StepLogged) -> None:
         self.step, self.total_steps, self.epoch = e.step, e.total_steps, e.epoch
@@ -350,6 +352,7 @@ def render(state: DashboardState) -> RenderableType:
         top.add_column(ratio=1)
     top.add_row(render_progress(state), render_loss(state), render_memory(state))
     parts: list[RenderableType] = [render_header(state), top, render_rank(state)]
+    parts += [Text(f"note: {note}", style="yellow") for note in state.notes]
     if state.last_checkpoint:
         parts.append(Text(f"last checkpoint: {state.last_checkpoint}", style="dim"))
     return Group(*parts)
@@ -377,10 +380,11 @@ def plain_line(state: DashboardState, event: Event) -> Optional[str]:
     """The log line for an event, from the state after the event was applied."""
     if isinstance(event, RunStarted):
         resumed = f", resuming at step {event.start_step}" if event.start_step else ""
-        return (
+        run = (
             f"run {event.method} on {event.model} ({event.device}): {event.total_steps} steps, "
             f"{len(event.ranks)} adapters, budget {event.budget}, output {event.output_dir}{resumed}"
         )
+        return "\n".join([run, *(f"note: {note}" for note in event.notes)])
     if isinstance(event, StepLogged):
         line = (
             f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
