@@ -55,6 +55,13 @@ VARIANTS: dict[str, tuple[str, Optional[str], Callable[[Path, int], list[str]]]]
     # stock LoRA trained from the start at the ranks l1ra-importance ended with (same seed):
     # does the layout help, or the moving?
     "lora-at-importance-layout": ("lora", "l1ra-importance", _layout_of("l1ra-importance")),
+    # the same layout through our layer with frozen gates: one scale alpha / r_mean for every
+    # module, as L1RA has, where peft scales each module by alpha / r_i
+    "l1ra-frozen-at-importance-layout": (
+        "l1ra",
+        "l1ra-importance",
+        lambda d, s: ["--eta-c", "1e-9", "--l1-lambda", "1e-9", *_layout_of("l1ra-importance")(d, s)],
+    ),
     # the efficiency claim: L1RA at half the budget against LoRA at the full one
     "l1ra-importance-half": ("l1ra", None, lambda d, s: [*IMPORTANCE, "--budget", "HALF"]),
 }

@@ -206,6 +206,9 @@ def test_seed_variants_are_the_bench_command_with_their_own_options(tmp_path):
     layout = seeds.finetune_command("lora-at-importance-layout", 42, settings, tmp_path, 25)
     assert layout[layout.index("--method") + 1] == "lora"
     assert layout[-2:] == ["--ranks-from", str(tmp_path / "l1ra-importance-s42")]
+    frozen = seeds.finetune_command("l1ra-frozen-at-importance-layout", 42, settings, tmp_path, 25)
+    assert frozen[frozen.index("--method") + 1] == "l1ra" and frozen[-2:] == layout[-2:]
+    assert frozen[frozen.index("--eta-c") + 1] == "1e-9" and frozen[frozen.index("--l1-lambda") + 1] == "1e-9"
     with pytest.raises(SystemExit, match="set by this script"):
         seeds.main(["--seed", "1"])
     with pytest.raises(SystemExit, match="comma-separated integers"):
