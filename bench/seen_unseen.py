@@ -51,7 +51,10 @@ def eval_loss(model, tokenizer, rows: list[dict], seq_len: int, batch_size: int)
     examples, _ = encode_rows(rows, tokenizer)
     examples, _, _ = truncate(examples, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return evaluate(model, examples, batch_size, pad_id, "cpu", {"device_type": "cpu", "enabled": False})
+    # Through the base model (peft put the adapters inside it): a peft AdaLoRA loaded for
+    # inference cannot run its own forward with labels (it adds its training penalty).
+    base = model.get_base_model()
+    return evaluate(base, examples, batch_size, pad_id, "cpu", {"device_type": "cpu", "enabled": False})
 
 
 def measure(run_dir: Path) -> dict[str, Any]:

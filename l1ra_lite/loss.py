@@ -12,9 +12,8 @@ one chunk's logits live at any moment. The result is the same mean cross-entropy
 the labelled next tokens that transformers returns.
 
 Only for causal LMs whose logits are exactly `lm_head(last_hidden_state)`; others (soft-
-capped or scaled logits) and peft's AdaLoRA in training (its forward adds a regulariser
-to the loss) use the model's own loss. The eval loss leaves the regulariser out
-(`regularised=False`): it is the language-model loss alone, the same for every method.
+capped or scaled logits) and peft's AdaLoRA (its forward adds a regulariser to the loss)
+use the model's own loss.
 """
 
 from __future__ import annotations
@@ -65,9 +64,7 @@ def model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
-def causal_lm_loss(
-    model: torch.nn.Module, batch: dict, chunk_logits: int = CHUNK_LOGITS, regularised: bool = True
-) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
     """Mean cross-entropy of the labelled next tokens of `batch` (input_ids, attention_mask,
     labels IGNORE_INDEX where there is nothing to predict).
 
@@ -76,8 +73,6 @@ def causal_lm_loss(
     has to report how many there are (a boolean-mask gather would make the host wait)."""
     device = batch["input_ids"].device
     inputs = model_inputs(batch)
-    if not regularised and hasattr(model, "get_base_model"):
-        model = model.get_base_model()  # the adapters stay: peft put them inside the base model
     lm = plain_causal_lm(model)
     if lm is None:
         return model(**inputs, labels=batch["labels"].to(device)).loss

@@ -112,13 +112,6 @@ def test_peft_lora_is_chunked_adalora_and_other_heads_use_their_own_loss():
     adalora = peft_adalora(tiny_llama(0), paths, 2 * len(paths), 2.0, 0.0, 100, 10, 10)
     assert plain_causal_lm(adalora) is None  # its forward adds the orthogonality regulariser
     assert causal_lm_loss(adalora, batch).item() == adalora(**batch).loss.item()
-    # The eval loss leaves the regulariser out: the language-model loss alone, as for LoRA
-    with torch.no_grad():
-        logits = adalora.get_base_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), batch["labels"][:, 1:].reshape(-1))
-        evaluated = causal_lm_loss(adalora, batch, regularised=False)
-    torch.testing.assert_close(evaluated, plain, rtol=1e-6, atol=1e-6)
-    assert adalora(**batch).loss.item() > evaluated.item() + 0.05  # the regulariser it leaves out
 
     torch.manual_seed(0)
     gemma = Gemma2ForCausalLM(

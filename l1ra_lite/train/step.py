@@ -115,8 +115,7 @@ def optimizer_step(
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: str, autocast: dict) -> float:
-    """Token-weighted mean loss over the held-out examples: the language-model loss alone,
-    without a method's training regulariser (AdaLoRA's). Under several processes each
+    """Token-weighted mean loss over the held-out examples. Under several processes each
     evaluates its share (distributed.shard) and the sums are added over them."""
     was_training = model.training
     model.eval()
@@ -126,8 +125,7 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device: 
         tokens = label_tokens(batch["labels"])
         if tokens:
             with torch.autocast(**autocast):
-                loss = causal_lm_loss(model, to_device(batch, device), regularised=False)
-                total_loss += loss.double() * tokens
+                total_loss += causal_lm_loss(model, to_device(batch, device)).double() * tokens
             total_tokens += tokens
     model.train(was_training)
     total, tokens = distributed.sum_over_processes([float(total_loss), total_tokens])  # read once, at the end
