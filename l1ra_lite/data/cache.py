@@ -22,7 +22,7 @@ from typing import Any, Optional
 from l1ra_lite.data.batches import Examples
 from l1ra_lite.data.common import DataStats
 
-CACHE_FORMAT = 2  # raise when what a cached folder holds (or how it is made) changes
+CACHE_FORMAT = 3  # raise when what a cached folder holds (or how it is made) changes (3: eval_rows_in_training)
 
 
 def default_data_cache() -> Path:

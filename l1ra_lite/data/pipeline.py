@@ -451,8 +451,8 @@ def _rows_in(rows, others) -> int:
     the normalised row as JSON text). Memory follows `rows`, the small side (eval rows)."""
     import pyarrow.compute as pc
 
-    content = _column(rows, "row")
-    shared = pc.unique(_column(others, "row").filter(pc.is_in(_column(others, "row"), value_set=content)))
+    content, other_content = _column(rows, "row"), _column(others, "row")
+    shared = pc.unique(other_content.filter(pc.is_in(other_content, value_set=content)))
     return int(pc.sum(pc.is_in(content, value_set=shared)).as_py() or 0)
 
 
