@@ -36,6 +36,7 @@ from bench.summary import read_metrics  # noqa: E402
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
 BASELINE = "lora"
 IMPORTANCE = ["--realloc-rule", "importance", "--shrink-until", "0.6", "--l1-kappa", "1.5", "--log-gates"]
+FROZEN = ["--eta-c", "1e-9", "--l1-lambda", "1e-9"]  # gates stay at 1, no penalty: LoRA through our layer
 
 
 def _layout_of(variant: str) -> Callable[[Path, int], list[str]]:
@@ -47,8 +48,7 @@ def _layout_of(variant: str) -> Callable[[Path, int], list[str]]:
 VARIANTS: dict[str, tuple[str, Optional[str], Callable[[Path, int], list[str]]]] = {
     "lora": ("lora", None, lambda d, s: []),  # stock peft LoRA: the baseline
     "l1ra": ("l1ra", None, lambda d, s: []),  # L1RA as shipped (its default rule)
-    # our layer with the gates frozen at 1 and no penalty: LoRA through our layer
-    "l1ra-frozen": ("l1ra", None, lambda d, s: ["--eta-c", "1e-9", "--l1-lambda", "1e-9"]),
+    "l1ra-frozen": ("l1ra", None, lambda d, s: FROZEN),
     "l1ra-importance": ("l1ra", None, lambda d, s: IMPORTANCE),
     # the importance rule's penalty window and fold, with no reallocation: what the penalty costs
     "l1ra-importance-no-moves": ("l1ra", None, lambda d, s: [*IMPORTANCE, "--update-every", "0"]),
@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, Optional[str], Callable[[Path, int], list[str]]]]
     "l1ra-frozen-at-importance-layout": (
         "l1ra",
         "l1ra-importance",
-        lambda d, s: ["--eta-c", "1e-9", "--l1-lambda", "1e-9", *_layout_of("l1ra-importance")(d, s)],
+        lambda d, s: [*FROZEN, *_layout_of("l1ra-importance")(d, s)],
     ),
     # the efficiency claim: L1RA at half the budget against LoRA at the full one
     "l1ra-importance-half": ("l1ra", None, lambda d, s: [*IMPORTANCE, "--budget", "HALF"]),

@@ -28,6 +28,8 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def content_key(row: dict) -> str:
+    # The same notion of "the same row" as the run's own count (data_stats.eval_rows_in_training):
+    # equal normalised content.
     body = row["text"] if row["format"] == "text" else row["messages"]
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -54,7 +56,12 @@ def eval_loss(model, tokenizer, rows: list[dict], seq_len: int, batch_size: int)
     # Through the base model (peft put the adapters inside it): a peft AdaLoRA loaded for
     # inference cannot run its own forward with labels (it adds its training penalty).
     base = model.get_base_model()
-    return evaluate(base, examples, batch_size, pad_id, "cpu", {"device_type": "cpu", "enabled": False})
+    device = base.device.type
+    return evaluate(base, examples, batch_size, pad_id, device, {"device_type": device, "enabled": False})
+
+
+# Settings under which the eval rows are not the seeded share of one source's rows.
+OTHER_SPLITS = ("eval_data", "data_subset", "data_files", "streaming")
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
@@ -62,13 +69,18 @@ def measure(run_dir: Path) -> dict[str, Any]:
     from l1ra_lite.generate import load_for_generation
 
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    other = [k for k in OTHER_SPLITS if config.get(k)] + (["several --data"] if "," in (config["data"] or "") else [])
+    other += ["data_split"] if config.get("data_split", "train") != "train" else []
+    if other:
+        raise SystemExit(f"seen_unseen: {run_dir} was not split from one source's rows ({', '.join(other)})")
     seen, unseen = split_by_content(config)
-    model, tokenizer = load_for_generation(read_run(run_dir), device="cpu")
+    model, tokenizer = load_for_generation(read_run(run_dir))
     figures = {
-        part: eval_loss(model, tokenizer, rows, config["seq_len"], config["batch_size"])
+        part: eval_loss(model, tokenizer, rows, config["seq_len"], config["batch_size"]) if rows else None
         for part, rows in (("all", seen + unseen), ("seen", seen), ("unseen", unseen))
     }
-    evals = [m["eval_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "eval_loss" in m]
+    metrics = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    evals = [m["eval_loss"] for m in map(json.loads, metrics) if "eval_loss" in m]
     return {
         "run": run_dir.name,
         "method": config["method"],
@@ -85,11 +97,14 @@ def table(records: list[dict[str, Any]]) -> str:
         "| run | rows seen / unseen | eval loss (logged) | all | content seen in training | content unseen |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
+    def num(x):
+        return "-" if x is None else f"{x:.4f}"
+
     for r in records:
-        logged = "-" if r["eval_loss_logged"] is None else f"{r['eval_loss_logged']:.4f}"
         lines.append(
-            f"| {r['run']} | {r['rows_seen']} / {r['rows_unseen']} | {logged} | {r['eval_loss_all']:.4f} | "
-            f"{r['eval_loss_seen']:.4f} | {r['eval_loss_unseen']:.4f} |"
+            f"| {r['run']} | {r['rows_seen']} / {r['rows_unseen']} | {num(r['eval_loss_logged'])} | "
+            f"{num(r['eval_loss_all'])} | {num(r['eval_loss_seen'])} | {num(r['eval_loss_unseen'])} |"
         )
     return "\n".join(lines)
 

@@ -267,6 +267,28 @@ def test_a_lost_process_ends_after_its_message_without_the_interpreters_teardown
     assert main(["finetune", "--data", "x.jsonl"]) == 2 and ended == []  # other errors end as usual
 
 
+def test_any_error_that_leaves_a_process_group_open_ends_without_its_teardown(monkeypatch):
+    from l1ra_lite.errors import UserError
+    from l1ra_lite.train import distributed
+
+    torn_down = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: torn_down.append(True))
+    with pytest.raises(UserError) as raised:
+        with distributed.processes(5):
+            raise UserError("out of memory on this card")
+    assert raised.value.end_at_once and torn_down == []
+    with distributed.processes(5):
+        pass
+    assert torn_down == [True]  # a clean end tears the group down
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(UserError) as raised:
+        with distributed.processes(5):  # no launcher: no group, nothing special
+            raise UserError("x.jsonl not found")
+    assert not raised.value.end_at_once
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_killing_one_process_ends_the_other_within_the_timeout_with_one_clear_line(workdir, signum):
     """A dead process is noticed at once (gloo: its connection closes); a hung one when a

@@ -4,7 +4,7 @@ of a preparation, the result handed to training, and how a bad row is reported."
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from l1ra_lite.errors import UserError
 
@@ -32,9 +32,10 @@ class DataStats:
     train_rows: int = 0
     eval_rows: int = 0
     eval_source: str = ""  # the --eval-data source, "" when eval rows are carved from the training data
-    # Eval rows whose content is also a training row's: on those the eval loss measures
-    # memorisation, not what the model learnt (data with repeated rows has many).
-    eval_rows_in_training: int = 0
+    # Eval examples whose row content is also a training row's: on those the eval loss
+    # measures memorisation, not what the model learnt (data with repeated rows has many).
+    # None: not checked (a streamed dataset is not known up front).
+    eval_rows_in_training: Optional[int] = None
     truncated: int = 0  # examples cut to seq_len
     dropped: int = 0  # examples / packed chunks with no answer token left
     packed: bool = False
@@ -57,7 +58,7 @@ class DataStats:
             notes.append(f"{self.bad_rows} bad row(s) skipped, e.g. {self.bad_row_examples[0]}")
         if self.eval_rows_in_training:
             notes.append(
-                f"{self.eval_rows_in_training} of {self.eval_rows} eval rows also occur in the training rows: "
+                f"{self.eval_rows_in_training} of {self.eval_examples} eval rows also occur in the training rows: "
                 "the eval loss partly measures memorisation (remove the repeated rows, or hold out "
                 "other rows with --eval-data)"
             )

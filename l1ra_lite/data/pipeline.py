@@ -181,7 +181,6 @@ class Build:
         else:
             train_rows, eval_rows = _select(rows, usable), self.held_out(held_out_source, eval_max_rows, seed)
             stats.eval_source = held_out_source.name
-        stats.eval_rows_in_training = _rows_in(eval_rows, train_rows)
 
         train = self.encoded(train_rows)
         held_out = self.encoded(eval_rows)
@@ -192,6 +191,8 @@ class Build:
         stats.train_rows, stats.eval_rows = len(train) - count, len(held_out) - eval_count
         stats.truncated = _sum(train, "cut") + _sum(held_out, "cut")
         stats.dropped = _count_dropped(train) + _count_dropped(held_out)
+        # counted on the eval rows that stay examples, as stats.eval_examples is
+        stats.eval_rows_in_training = _rows_in(_select(eval_rows, _kept_positions(held_out)), train_rows)
         train, held_out = _kept(train), _kept(held_out)
         if packing:
             # eval stays one example per row: its loss then reads per conversation
@@ -460,11 +461,15 @@ def _select(dataset, indices):
     return dataset if len(indices) == len(dataset) and dataset._indices is None else dataset.select(indices)
 
 
-def _kept(encoded):
-    """The encoded rows that keep an answer token."""
+def _kept_positions(encoded):
+    """Positions of the encoded rows that keep an answer token."""
     import pyarrow.compute as pc
 
-    return _select(encoded, _positions(pc.fill_null(_column(encoded, "keep"), False)))
+    return _positions(pc.fill_null(_column(encoded, "keep"), False))
+
+
+def _kept(encoded):
+    return _select(encoded, _kept_positions(encoded))
 
 
 def _errors(dataset, limit: int) -> tuple[list[str], int]:

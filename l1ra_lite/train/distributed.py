@@ -106,7 +106,13 @@ def processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as err:
         raise ProcessLost(f"cannot join the other processes of the run ({_first_line(err)})") from None
-    yield
+    try:
+        yield
+    except UserError as err:
+        # The group stays open (a peer may be gone or waiting on this one): end without
+        # the interpreter's teardown, as ProcessLost does.
+        err.end_at_once = True
+        raise
     # Only after a clean end: with a peer gone, tearing down (NCCL's above all) may wait
     # on it; the process is ending anyway.
     dist.destroy_process_group()
