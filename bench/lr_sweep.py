@@ -4,6 +4,7 @@
     python bench/lr_sweep.py --threads 1 --max-runs 2
     python bench/lr_sweep.py --report             # read the run folders, write the figures, run nothing
     python bench/lr_sweep.py --dry-run            # the order and the command lines
+    python bench/lr_sweep.py --threads 1 --points adalora=1e-2,lora=1e-3   # these points, in this order
 
 For every method (lora, l1ra, adalora) and every learning rate of a log-spaced grid
 (default 1e-4, 2e-4, 5e-4, 1e-3, 2e-3) one `l1ra-lite finetune` run with the bench's
@@ -153,6 +154,21 @@ def sweep_order(methods: list[str], lrs: list[float]) -> list[tuple[str, float]]
 
     pairs = [(m, lr) for m in methods for lr in lrs]
     return sorted(pairs, key=lambda p: (*tier(*p), methods.index(p[0])))
+
+
+def parse_points(text: str) -> list[tuple[str, float]]:
+    """ "adalora=1e-2,lora=1e-3" -> [("adalora", 0.01), ("lora", 0.001)]."""
+    points = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        method, _, lr = item.partition("=")
+        try:
+            value = float(lr)
+        except ValueError:
+            value = 0.0
+        if method not in run.METHODS or value <= 0:
+            raise SystemExit(f"lr_sweep: --points takes METHOD=LR pairs, METHOD from lora,l1ra,adalora (got {item!r})")
+        points.append((method, value))
+    return points
 
 
 def sweep_command(method: str, lr: float, settings: dict[str, Any], run_dir: Path, save_every: int) -> list[str]:
@@ -358,6 +374,11 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
         help="comma-separated A/B learning rates (default %(default)s)",
     )
     p.add_argument(
+        "--points",
+        help="instead of --methods x --lrs, these grid points in this order, e.g. adalora=1e-2,lora=1e-3 "
+        "(to extend the grid where a method's best is at its edge)",
+    )
+    p.add_argument(
         "--sweep-dir",
         type=Path,
         default=REPO_ROOT / "bench" / "sweep",
@@ -401,6 +422,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"lr_sweep: --lrs takes comma-separated numbers (got {args.lrs!r})") from None
     if not lrs or min(lrs) <= 0:
         raise SystemExit("lr_sweep: --lrs needs positive learning rates")
+    points = parse_points(args.points) if args.points else None
+    if points:
+        methods = list(dict.fromkeys(m for m, _ in points))
+        lrs = sorted({lr for _, lr in points})
     bench_args = run.parse_args(rest)
 
     from l1ra_lite.models import resolve_model
@@ -424,7 +449,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     sweep.update(methods=methods, lrs=lrs, save_every=args.save_every, recommended_lr=RECOMMENDED_LR)
     settings = {**settings, "data_standard": settings["data"], "data": str(data_path)}
-    order = sweep_order(methods, lrs)
+    order = points or sweep_order(methods, lrs)
     sweep["order"] = [run_name(m, lr) for m, lr in order]
 
     # A sweep's runs must share their settings: refuse to mix folders made with others.

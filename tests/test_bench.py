@@ -405,6 +405,13 @@ def test_the_sweep_order_puts_the_recommended_rates_first_then_the_extremes():
     assert lr_sweep.sweep_order(["lora"], [3e-4, 1e-3])[0] == ("lora", 3e-4)  # the grid point nearest 2e-4
 
 
+def test_explicit_grid_points_extend_the_grid_in_their_own_order():
+    assert lr_sweep.parse_points("adalora=1e-2, lora=1e-3") == [("adalora", 0.01), ("lora", 0.001)]
+    for bad in ("adalora", "nope=1e-3", "lora=x", "lora=-1"):
+        with pytest.raises(SystemExit, match="METHOD=LR pairs"):
+            lr_sweep.parse_points(bad)
+
+
 def test_a_sweep_run_is_the_bench_command_with_its_lr_data_and_checkpoints(tmp_path):
     settings = run.bench_settings(run.parse_args([]), n_adapters=210)
     bench = run.finetune_command("adalora", settings, tmp_path / "r")
