@@ -69,7 +69,8 @@ EVAL_FRACTION = 0.05  # l1ra_lite.config.FinetuneConfig.eval_fraction (finetune'
 # ---------------------------------------------------------------- the validation split
 
 
-def _row_key(row: dict) -> str:
+def row_key(row: dict) -> str:
+    """A row's content (its messages or text), hashed: equal for repeated rows."""
     body = row.get("messages") if row.get("format") != "text" else row.get("text")
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -85,13 +86,13 @@ def sweep_rows(
 
     rows, _ = load_rows(source, skip_bad_rows=source is None)
     train, held_out = split_rows(rows, eval_fraction, eval_max_rows, seed)
-    held_keys = {_row_key(r) for r in held_out}
-    shared = sum(_row_key(r) in held_keys for r in train)
-    kept = [r for r in train if _row_key(r) not in held_keys] if exclude_eval_content else train
+    held_keys = {row_key(r) for r in held_out}
+    shared = sum(row_key(r) in held_keys for r in train)
+    kept = [r for r in train if row_key(r) not in held_keys] if exclude_eval_content else train
     out = [{"text": r["text"]} if r["format"] == "text" else {"messages": r["messages"]} for r in kept]
     return out, {
         "rows": len(rows),
-        "distinct_rows": len({_row_key(r) for r in rows}),
+        "distinct_rows": len({row_key(r) for r in rows}),
         "standard_eval_rows": len(held_out),
         "standard_train_rows": len(train),
         "train_rows_with_eval_content": shared,

@@ -16,7 +16,6 @@ own final eval loss: printed side by side as a check), and prints one table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,26 +26,19 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def content_key(row: dict) -> str:
-    # The same notion of "the same row" as the run's own count (data_stats.eval_rows_in_training):
-    # equal normalised content.
-    body = row["text"] if row["format"] == "text" else row["messages"]
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def split_by_content(config: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     """The run's held-out rows: (those whose content is also a training row's, the rest)."""
+    from bench.lr_sweep import row_key
     from l1ra_lite.data import load_rows, split_rows
 
     rows, _ = load_rows(config["data"], skip_bad_rows=True)
     train, held_out = split_rows(rows, config["eval_fraction"], config["eval_max_rows"], config["seed"])
-    trained_on = {content_key(r) for r in train}
-    seen = [r for r in held_out if content_key(r) in trained_on]
-    return seen, [r for r in held_out if content_key(r) not in trained_on]
+    trained_on = {row_key(r) for r in train}
+    seen = [r for r in held_out if row_key(r) in trained_on]
+    return seen, [r for r in held_out if row_key(r) not in trained_on]
 
 
 def eval_loss(model, tokenizer, rows: list[dict], seq_len: int, batch_size: int) -> float:
-
     from l1ra_lite.data import encode_rows, truncate
     from l1ra_lite.train.step import evaluate
 
