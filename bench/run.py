@@ -37,13 +37,13 @@ METHODS = ("lora", "l1ra", "adalora")
 # a validation split carved from the training rows (bench/README.md, "Learning rate and
 # alpha per method"). alpha None: finetune's default, the mean rank (scale 1), as the L1RA
 # paper and peft's LoRA defaults run it; AdaLoRA's 16 is its authors' (l1ra_lite.baselines
-# .ADALORA_ALPHA, with the sources). PROVISIONAL until the sweep has finished every
-# method's grid: lora and l1ra keep the former shared 2e-4, AdaLoRA takes its authors'
-# 5e-4 (their XSum and GLUE scripts; 8e-4 to 1e-3 for SQuAD).
+# .ADALORA_ALPHA, with the sources). The sweep (300 steps, seed 42, 2e-4 to 2e-2): LoRA and
+# L1RA are best at 5e-3 (2e-3 and 1e-2 worse for both); AdaLoRA at 1e-2 (0.9648), level
+# with 5e-3 (0.9663), worse at 2e-2 (0.9913).
 METHOD_DEFAULTS: dict[str, dict[str, Optional[float]]] = {
-    "lora": {"lr": 2e-4, "alpha": None},
-    "l1ra": {"lr": 2e-4, "alpha": None},
-    "adalora": {"lr": 5e-4, "alpha": 16.0},
+    "lora": {"lr": 5e-3, "alpha": None},
+    "l1ra": {"lr": 5e-3, "alpha": None},
+    "adalora": {"lr": 1e-2, "alpha": 16.0},
 }
 # quick: a couple of minutes on 2 cores; full: long enough for the eval losses to separate.
 MODES = {

@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench import run  # noqa: E402
 from bench.run_queue import Stop, run_state, take_lock, train_one, work_through  # noqa: E402
-from bench.summary import read_metrics  # noqa: E402
+from bench.summary import method_figures, read_final_ranks, read_metrics  # noqa: E402
 
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
 BASELINE = "lora"
@@ -47,8 +47,12 @@ def _layout_of(variant: str) -> Callable[[Path, int], list[str]]:
 #             extra finetune options given the runs folder and the seed)
 VARIANTS: dict[str, tuple[str, Optional[str], Callable[[Path, int], list[str]]]] = {
     "lora": ("lora", None, lambda d, s: []),  # stock peft LoRA: the baseline
+    "adalora": ("adalora", None, lambda d, s: []),  # stock peft AdaLoRA at its own best rate
     "l1ra": ("l1ra", None, lambda d, s: []),  # L1RA as shipped (its default rule)
     "l1ra-frozen": ("l1ra", None, lambda d, s: FROZEN),
+    # stock LoRA trained from the start at the ranks l1ra (the shipped rule) ended with
+    "lora-at-l1ra-layout": ("lora", "l1ra", _layout_of("l1ra")),
+    "l1ra-half": ("l1ra", None, lambda d, s: ["--budget", "HALF"]),  # the shipped rule at half the budget
     "l1ra-importance": ("l1ra", None, lambda d, s: IMPORTANCE),
     # the importance rule's penalty window and fold, with no reallocation: what the penalty costs
     "l1ra-importance-no-moves": ("l1ra", None, lambda d, s: [*IMPORTANCE, "--update-every", "0"]),
@@ -109,6 +113,20 @@ def moves(run_dir: Path) -> Optional[dict[str, Any]]:
     }
 
 
+def speed(variant: str, run_dir: Path, lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """A finished run's step time (wall and CPU, a reallocation's own time left out), one
+    reallocation's time, its trainable state and peak memory: bench/summary.py's figures. Runs of one
+    seed train side by side, so their CPU times compare like bench/run.py's."""
+    f = method_figures(variant, lines, read_final_ranks(run_dir / "ranks.json"))
+    return {
+        "median_step_s": f.median_step_s,
+        "median_step_cpu_s": f.median_step_cpu_s,
+        "median_realloc_s": f.median_realloc_s,
+        "trainable_state_bytes": f.trainable_state_bytes,
+        "peak_bytes": f.peak_bytes,
+    }
+
+
 def run_record(variant: str, seed: int, runs_dir: Path) -> dict[str, Any]:
     run_dir = runs_dir / run_name(variant, seed)
     state = run_state(run_dir)
@@ -123,6 +141,7 @@ def run_record(variant: str, seed: int, runs_dir: Path) -> dict[str, Any]:
         "eval_curve": curve,
         "eval_loss": curve[-1][1] if finished and curve else None,
         "moves": moves(run_dir) if finished else None,
+        "speed": speed(variant, run_dir, lines) if finished else None,
     }
 
 
@@ -131,6 +150,7 @@ def compare(records: list[dict[str, Any]], variants: list[str], seeds: list[int]
     finished): the paired differences, their mean and sample sd, how many at or below;
     for variants that move rank, the module types that gain in how many seeds."""
     loss = {(r["variant"], r["seed"]): r["eval_loss"] for r in records}
+    cpu = {(r["variant"], r["seed"]): r["speed"] and r["speed"]["median_step_cpu_s"] for r in records}
     out: dict[str, Any] = {}
     for v in variants:
         by_seed = {s: loss.get((v, s)) for s in seeds}
@@ -140,6 +160,7 @@ def compare(records: list[dict[str, Any]], variants: list[str], seeds: list[int]
             if by_seed[s] is not None and loss.get((BASELINE, s)) is not None
         }
         diffs = list(paired.values())
+        cpu_ratios = [cpu[(v, s)] / cpu[(BASELINE, s)] for s in seeds if cpu.get((v, s)) and cpu.get((BASELINE, s))]
         gains: dict[str, int] = {}
         for r in records:
             if r["variant"] == v and r["moves"] and r["moves"]["cut"]:
@@ -155,6 +176,7 @@ def compare(records: list[dict[str, Any]], variants: list[str], seeds: list[int]
             "at_or_below_lora": sum(d <= 0 for d in diffs),
             "paired_seeds": len(diffs),
             "gains_in_seeds": dict(sorted(gains.items())),
+            "step_cpu_over_lora": statistics.median(cpu_ratios) if cpu_ratios else None,
         }
     return out
 
@@ -179,6 +201,11 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(
             f"\n{v} - lora: {t['minus_lora_mean']:+.4f}{sd} over {t['paired_seeds']} paired seeds; "
             f"at or below LoRA in {t['at_or_below_lora']} of {t['paired_seeds']}"
+            + (
+                f"; step CPU time / LoRA's {t['step_cpu_over_lora']:.3f} (median over seeds)"
+                if t["step_cpu_over_lora"]
+                else ""
+            )
         )
         movers = [r for r in doc["runs"] if r["variant"] == v and r["moves"] and r["moves"]["cut"]]
         for r in movers:

@@ -36,8 +36,9 @@ RANKS = {
 }
 
 
-def metrics(step_times, realloc=None, adapter_bytes=1000, evals=None, peak=None):
-    """Fixture metric lines: step i (1-based) took step_times[i-1] seconds."""
+def metrics(step_times, realloc=None, adapter_bytes=1000, evals=None, peak=None, cpu=None):
+    """Fixture metric lines: step i (1-based) took step_times[i-1] seconds (cpu times that
+    in CPU seconds, where given)."""
     lines = []
     for i, s in enumerate(step_times, start=1):
         line = {
@@ -57,6 +58,8 @@ def metrics(step_times, realloc=None, adapter_bytes=1000, evals=None, peak=None)
             line["eval_ppl"] = 2.718 ** evals[i]
         if peak:
             line["peak_bytes"] = peak + i
+        if cpu:
+            line["step_cpu_s"] = cpu * s
         lines.append(line)
     return lines
 
@@ -161,8 +164,12 @@ def test_ratios_and_targets():
 
 def test_seeds_pair_every_variant_with_lora_and_count_the_rank_moved(tmp_path):
     runs = tmp_path / "runs"
-    for variant, seed, loss in (("lora", 42, 1.40), ("lora", 43, 1.50), ("l1ra-importance", 42, 1.43)):
-        write_run(runs / seeds.run_name(variant, seed), 300, checkpoint=True, adapter=True, evals={300: loss})
+    for variant, seed, loss, cpu in (
+        ("lora", 42, 1.40, 2.0),
+        ("lora", 43, 1.50, 2.0),
+        ("l1ra-importance", 42, 1.43, 2.1),
+    ):
+        write_run(runs / seeds.run_name(variant, seed), 300, checkpoint=True, adapter=True, evals={300: loss}, cpu=cpu)
     write_run(runs / "l1ra-importance-s43", 200, checkpoint=True, evals={150: 1.6})  # unfinished: not paired
     before = {"l.0.q_proj": 4, "l.0.k_proj": 4, "l.0.up_proj": 4, "l.1.up_proj": 4}
     moved = [
@@ -191,7 +198,8 @@ def test_seeds_pair_every_variant_with_lora_and_count_the_rank_moved(tmp_path):
     doc = {"seeds": [42, 43], "variants": ["lora", "l1ra-importance"], "compare": table, "runs": records}
     text = seeds.render(doc)
     assert "| 42 | 1.4000 | 1.4300 |" in text and "| 43 | 1.5000 | - |" in text
-    assert "l1ra-importance - lora: +0.0300 over 1 paired seeds; at or below LoRA in 0 of 1" in text
+    assert mine["step_cpu_over_lora"] == pytest.approx(1.05) and records[1]["speed"]["median_step_s"] == 1.0
+    assert "l1ra-importance - lora: +0.0300 over 1 paired seeds; at or below LoRA in 0 of 1; step CPU time" in text
     assert "seed 42: 4 ranks cut (2 by 60% of the run), 3 of 16 moved on net: k -2, q -1, up +3" in text
 
 
@@ -434,10 +442,10 @@ def test_a_sweep_run_is_the_bench_command_with_its_lr_data_and_checkpoints(tmp_p
     assert shared(swept) == shared(bench)  # steps, seq len, budget, batch, seed, eval: the bench's
 
 
-def write_run(folder, steps_done, total=300, checkpoint=False, adapter=False, evals=None):
+def write_run(folder, steps_done, total=300, checkpoint=False, adapter=False, evals=None, cpu=None):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"total_steps": total, "method": "lora"}))
-    lines = metrics([1.0] * steps_done, evals=evals or {})
+    lines = metrics([1.0] * steps_done, evals=evals or {}, cpu=cpu)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (folder / "ranks.json").write_text(json.dumps({"budget": 16, "ranks": RANKS, "history": []}))
     if checkpoint:
