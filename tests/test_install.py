@@ -62,7 +62,7 @@ def test_recipes_read_without_tomllib(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     values, meta = read_recipe("cpu-smollm2")  # this interpreter's own parser
     assert got["values"] == values and got["meta"] == meta
-    assert got["values"]["max_steps"] == 60 and got["values"]["lr"] == 5e-4
+    assert got["values"]["max_steps"] == 60 and got["values"]["lr"] == 5e-3
     # a malformed recipe is still a UserError (tomli's TOMLDecodeError is caught), one line
     assert got["bad"] and got["bad"].startswith(f"cannot read recipe {broken}")
     assert "\n" not in got["bad"]
