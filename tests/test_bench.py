@@ -343,7 +343,7 @@ def test_each_method_gets_its_own_lr_and_alpha_from_the_command_line():
     assert own["adalora"] == {"lr": 1e-3, "alpha": 16.0}
     assert own["lora"] == {"lr": 5e-4, "alpha": None}
     assert own["l1ra"] == {"lr": run.METHOD_DEFAULTS["l1ra"]["lr"], "alpha": 8.0}
-    assert run.METHOD_DEFAULTS["adalora"]["lr"] == 5e-4  # untouched
+    assert run.METHOD_DEFAULTS["adalora"]["lr"] == 1e-2  # untouched
     for bad, message in ((["dora=1e-3"], "unknown method"), (["lora=fast"], "METHOD=NUMBER"), (["lora=0"], "positive")):
         with pytest.raises(SystemExit, match=message):
             run.method_settings(bad, [])
