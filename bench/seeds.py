@@ -115,8 +115,9 @@ def moves(run_dir: Path) -> Optional[dict[str, Any]]:
 
 def speed(variant: str, run_dir: Path, lines: list[dict[str, Any]]) -> dict[str, Any]:
     """A finished run's step time (wall and CPU, a reallocation's own time left out), one
-    reallocation's time, its trainable state and peak memory: bench/summary.py's figures. Runs of one
-    seed train side by side, so their CPU times compare like bench/run.py's."""
+    reallocation's time, its trainable state and peak memory: bench/summary.py's figures.
+    CPU times of runs trained side by side (`--jobs 2`, one seed's pair) compare like
+    bench/run.py's; next to other runs they are a rougher guide."""
     f = method_figures(variant, lines, read_final_ranks(run_dir / "ranks.json"))
     return {
         "median_step_s": f.median_step_s,
