@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, Optional[str], Callable[[Path, int], list[str]]]]
     # stock LoRA trained from the start at the ranks l1ra (the shipped rule) ended with
     "lora-at-l1ra-layout": ("lora", "l1ra", _layout_of("l1ra")),
     "l1ra-half": ("l1ra", None, lambda d, s: ["--budget", "HALF"]),  # the shipped rule at half the budget
+    # the same gates and penalty with no reallocation: do the late moves cost L1RA its lead?
+    "l1ra-no-moves": ("l1ra", None, lambda d, s: ["--update-every", "0"]),
     # the paper's rule with its penalty and moves inside the first 60% of the run, then the
     # gates folded into B: do the moves come by 60%, and does ending unthrottled pay?
     "l1ra-window": ("l1ra", None, lambda d, s: ["--realloc-rule", "paper", "--shrink-until", "0.6", "--log-gates"]),
